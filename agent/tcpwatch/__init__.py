@@ -1,0 +1,3 @@
+"""tcpwatch: find TCP sockets stuck in CLOSE_WAIT and the process that leaked them."""
+
+__version__ = "0.1.0"

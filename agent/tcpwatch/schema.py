@@ -1,0 +1,157 @@
+"""The Python mirror of bpf/tcpwatch.h: event layout, constants, TCP state names.
+
+The layout is read from the header itself (never restated here), so the C and the
+Python side cannot drift apart; tests/unit/test_schema.py cross-checks it with gcc.
+
+>>> decode(raw)["new"]     # doctest: +SKIP
+8
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+# include/net/tcp_states.h
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+STATE_NUMBERS = {name: num for num, name in TCP_STATES.items()}
+CLOSE_WAIT = 8
+
+OUTCOMES = {0: None, 1: "closed", 2: "shutdown", 3: "reset", 4: "exit", 5: "error"}
+
+_TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__s32": "i", "char": "s"}
+_DEFINE = re.compile(r"^#define\s+(TW_\w+)\s+(-?\d+)\b", re.M)
+_FIELD = re.compile(r"^\s*(\w+)\s+(\w+)(?:\[(\w+)\])?\s*;", re.M)
+
+
+def bpf_dir() -> Path:
+    """Where the kernel programs live: shipped inside the package, a link in a checkout."""
+    return Path(__file__).resolve().parent / "bpf"
+
+
+class Layout:
+    """A struct layout parsed from the header: field names, struct format, constants."""
+
+    def __init__(self, header_text: str, struct_name: str = "tw_event") -> None:
+        self.consts: dict[str, int] = {k: int(v) for k, v in _DEFINE.findall(header_text)}
+        body = re.search(r"struct\s+%s\s*\{(.*?)\};" % struct_name, header_text, re.S)
+        if body is None:
+            raise ValueError(f"struct {struct_name} not found in header")
+        fmt = "="  # native byte order, no implicit padding: alignment is made explicit below
+        offset = 0
+        self.fields: list[tuple[str, int, int]] = []  # (name, offset, size)
+        self.arrays: dict[str, str] = {}
+        max_align = 1
+        for ctype, name, dim in _FIELD.findall(re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S)):
+            code = _TYPES[ctype]
+            size = 1 if code == "s" else struct.calcsize(code)
+            count = 1
+            if dim:
+                count = int(dim) if dim.isdigit() else self.consts[dim]
+            pad = (-offset) % size
+            if pad:
+                fmt += f"{pad}x"
+                offset += pad
+            max_align = max(max_align, size)
+            if code == "s" or (dim and code == "B"):
+                fmt += f"{count}s"
+                self.arrays[name] = ctype
+                self.fields.append((name, offset, count))
+                offset += count
+            elif dim:
+                raise ValueError(f"arrays of {ctype} are not supported: {name}")
+            else:
+                fmt += code
+                self.fields.append((name, offset, size))
+                offset += size
+        tail = (-offset) % max_align
+        if tail:
+            fmt += f"{tail}x"
+        self.struct = struct.Struct(fmt)
+        self.names = [f[0] for f in self.fields]
+        self.size = self.struct.size
+
+
+@lru_cache(maxsize=1)
+def layout() -> Layout:
+    return Layout((bpf_dir() / "tcpwatch.h").read_text())
+
+
+def _addr(raw: bytes, family: int) -> str:
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return socket.inet_ntop(socket.AF_INET, raw[:4])
+
+
+def decode(buf: bytes) -> dict:
+    """Turn one raw tw_event into a flat dict with addresses and comm as str.
+
+    Keys: kind, ts_ns, sk, prev_ns, cw_ns, fin_read_ns, laddr, raddr, pid, tid,
+    actor_pid, actor_tid, netns, kstack_id, ustack_id, family (4 or 6), lport, rport,
+    old, new, outcome, flags, comm, actor_comm.
+    """
+    lay = layout()
+    ev = dict(zip(lay.names, lay.struct.unpack_from(buf)))
+    fam = ev.pop("family")
+    ev["family"] = 6 if fam == socket.AF_INET6 else 4
+    ev["laddr"] = _addr(ev.pop("saddr"), fam)
+    ev["raddr"] = _addr(ev.pop("daddr"), fam)
+    ev["lport"] = ev.pop("sport")
+    ev["rport"] = ev.pop("dport")
+    ev["old"] = ev.pop("oldstate")
+    ev["new"] = ev.pop("newstate")
+    ev.pop("pad", None)
+    ev["comm"] = ev["comm"].split(b"\0", 1)[0].decode("utf-8", "replace")
+    ev["actor_comm"] = ev["actor_comm"].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return ev
+
+
+def encode(ev: dict) -> bytes:
+    """The inverse of decode(), for synthetic streams in tests and recorded fixtures."""
+    lay = layout()
+    fam = socket.AF_INET6 if ev.get("family", 4) == 6 else socket.AF_INET
+
+    def pack_addr(a: str) -> bytes:
+        return socket.inet_pton(fam, a).ljust(16, b"\0")
+
+    raw = {
+        "saddr": pack_addr(ev.get("laddr", "0.0.0.0" if fam == socket.AF_INET else "::")),
+        "daddr": pack_addr(ev.get("raddr", "0.0.0.0" if fam == socket.AF_INET else "::")),
+        "family": fam,
+        "sport": ev.get("lport", 0),
+        "dport": ev.get("rport", 0),
+        "oldstate": ev.get("old", 0),
+        "newstate": ev.get("new", 0),
+        "comm": ev.get("comm", "").encode(),
+        "actor_comm": ev.get("actor_comm", "").encode(),
+        "pad": 0,
+    }
+    values = []
+    for name in lay.names:
+        if name in raw:
+            values.append(raw[name])
+        elif name in ("kstack_id", "ustack_id"):
+            values.append(ev.get(name, -1))
+        else:
+            values.append(ev.get(name, 0))
+    return lay.struct.pack(*values)
+
+
+def state_name(num: int) -> str:
+    return TCP_STATES.get(num, f"STATE_{num}")

@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * tcpwatch.h - the one definition of what the kernel side tells userspace.
+ *
+ * Included by tcpwatch.bpf.c and parsed by agent/tcpwatch/schema.py, which turns
+ * the #defines and `struct tw_event` below into its decoder. Keep to the subset
+ * that parser reads: `#define TW_NAME <integer>` lines and one field per line
+ * in the struct, typed with the __u8/__u16/__u32/__u64/__s32 family or char.
+ * tests/unit/test_schema.py checks the parsed layout against gcc's offsetof().
+ */
+#ifndef TCPWATCH_H
+#define TCPWATCH_H
+
+#define TW_COMM_LEN 16
+
+/* tw_event.kind */
+#define TW_KIND_STATE 1 /* a TCP state transition */
+#define TW_KIND_EOF 2   /* the owner read EOF (recv returned 0) on a socket in CLOSE_WAIT */
+
+/* tw_event.outcome: why a socket left its state, judged in the kernel */
+#define TW_OUT_NONE 0     /* nothing known */
+#define TW_OUT_CLOSE 1    /* close()/close_range() by the actor */
+#define TW_OUT_SHUTDOWN 2 /* shutdown(SHUT_WR or SHUT_RDWR) by the actor */
+#define TW_OUT_RESET 3    /* RST received from the peer */
+#define TW_OUT_EXIT 4     /* the actor was exiting and its descriptors were released */
+#define TW_OUT_ERROR 5    /* a socket error was reported (retransmit/keepalive timeout) */
+
+/* tw_event.flags */
+#define TW_F_OWNER 1          /* pid/tid/comm are the owner, seen in process context on this socket */
+#define TW_F_OWNER_LISTENER 2 /* pid/tid/comm inherited from the listening socket on that port */
+#define TW_F_PREV_UNKNOWN 4   /* entry into the old state predates tracing: prev_ns is 0 */
+#define TW_F_ACTOR 8          /* actor_* is the task that caused this transition (process context) */
+#define TW_F_EOF_READ 16      /* the owner has read EOF on this socket */
+#define TW_F_READ_IN_CW 32    /* the owner read from the socket after it entered CLOSE_WAIT */
+#define TW_F_CW_UNKNOWN 64    /* left CLOSE_WAIT but its entry predates tracing: cw_ns is 0 */
+
+/* Slots of the per-CPU `counters` array. */
+#define TW_CNT_EVENTS 0      /* events handed to the ring buffer */
+#define TW_CNT_LOST 1        /* events the ring buffer had no room for */
+#define TW_CNT_SOCK_MISS 2   /* transitions of sockets with no entry in the socket map */
+#define TW_CNT_SOCK_FULL 3   /* socket map inserts that failed */
+#define TW_CNT_FILTERED 4    /* transitions dropped by --pid/--port/--state */
+#define TW_CNT_SLOTS 8
+
+/* Slots of the `config` array (u64 each), written by the loader after load. */
+#define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */
+#define TW_CFG_FILTER_PORT 1   /* 1: only sockets with a local or remote port in `port_filter` */
+#define TW_CFG_STATE_MASK 2    /* bit n set: send transitions whose old or new state is n; 0: all */
+#define TW_CFG_NET_OFF 3       /* offset of sk->__sk_common.skc_net in struct sock, or -1 */
+#define TW_CFG_NETNS_OFF 4     /* offset of net->ns.inum in struct net, or -1 (calibrated) */
+#define TW_CFG_CALIB_PORT 5    /* while non-zero: dump struct net of a socket on this port */
+#define TW_CFG_SLOTS 8
+
+#define TW_CALIB_BYTES 512
+
+/* One record per event, IPv4 addresses in the first 4 bytes of the 16. */
+struct tw_event {
+	__u64 ts_ns;      /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 sk;         /* kernel address of struct sock: the socket id */
+	__u64 prev_ns;    /* time spent in the old state */
+	__u64 cw_ns;      /* time spent in CLOSE_WAIT, when leaving it */
+	__u64 fin_read_ns; /* when the owner read EOF, 0 if never */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 pid;        /* owner (see flags), 0 if unknown */
+	__u32 tid;
+	__u32 actor_pid;  /* current task when TW_F_ACTOR: the closer on a CLOSE_WAIT exit */
+	__u32 actor_tid;
+	__u32 netns;      /* inode of the network namespace, 0 if unknown */
+	__s32 kstack_id;  /* stack map ids, negative if not taken */
+	__s32 ustack_id;
+	__u16 family;     /* AF_INET or AF_INET6 */
+	__u16 sport;      /* host byte order */
+	__u16 dport;
+	__u8 kind;
+	__u8 oldstate;
+	__u8 newstate;
+	__u8 outcome;
+	__u8 flags;
+	__u8 pad;
+	char comm[TW_COMM_LEN];
+	char actor_comm[TW_COMM_LEN];
+};
+
+#endif /* TCPWATCH_H */
