@@ -49,6 +49,7 @@
 #define TW_CFG_NET_OFF 3       /* offset of sk->__sk_common.skc_net in struct sock, or -1 */
 #define TW_CFG_NETNS_OFF 4     /* offset of net->ns.inum in struct net, or -1 (calibrated) */
 #define TW_CFG_CALIB_PORT 5    /* while non-zero: dump struct net of a socket on this port */
+#define TW_CFG_ENABLED 6       /* 0 until filters are set: track sockets, send nothing */
 #define TW_CFG_SLOTS 8
 
 #define TW_CALIB_BYTES 512

@@ -50,7 +50,7 @@ class Layout:
 
     def __init__(self, header_text: str, struct_name: str = "tw_event") -> None:
         self.consts: dict[str, int] = {k: int(v) for k, v in _DEFINE.findall(header_text)}
-        body = re.search(r"struct\s+%s\s*\{(.*?)\};" % struct_name, header_text, re.S)
+        body = re.search(r"struct\s+" + struct_name + r"\s*\{(.*?)\};", header_text, re.S)
         if body is None:
             raise ValueError(f"struct {struct_name} not found in header")
         fmt = "="  # native byte order, no implicit padding: alignment is made explicit below

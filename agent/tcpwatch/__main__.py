@@ -1,0 +1,3 @@
+from tcpwatch.cli import main
+
+main()

@@ -1,0 +1,382 @@
+"""Loading the kernel programs: the only module that imports bcc.
+
+It checks the host (root, bcc, tracefs, headers), picks hooks by trying them,
+calibrates the one struct read it does (the network namespace of a socket), writes
+filters into maps, and hands raw events to its caller in batches.
+
+>>> src = KernelSource(Options(ports=(8080,)))     # doctest: +SKIP
+>>> src.open().hooks["state"]                        # doctest: +SKIP
+'tracepoint:sock:inet_sock_set_state'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tcpwatch import schema
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# offsetof(struct sock, __sk_common.skc_net) on 64-bit kernels since 4.x; checked at start.
+SKC_NET_OFFSET = 48
+SKC_FAMILY_OFFSET = 16
+SKC_NUM_OFFSET = 14
+
+
+class LoaderError(Exception):
+    """A problem with the host that the user must fix; str() is the one-line advice."""
+
+
+@dataclass
+class Options:
+    stacks: bool = False
+    pids: tuple[int, ...] = ()
+    ports: tuple[int, ...] = ()
+    states: tuple[int, ...] = ()
+    max_socks: int = 262144
+    ring_pages: int = 2048  # 8 MiB: ~58k events of headroom between two drains
+
+
+@dataclass
+class Opened:
+    hooks: dict[str, str | None]
+    warnings: list[str] = field(default_factory=list)
+    startup_s: float = 0.0
+
+
+def tracefs() -> str | None:
+    """The mounted tracefs with TCP events, or None."""
+    for path in TRACEFS_CANDIDATES:
+        if os.path.isdir(os.path.join(path, "events", "sock")) or os.path.isdir(
+            os.path.join(path, "events", "tcp")
+        ):
+            return path
+    return None
+
+
+def tracepoint_exists(category: str, name: str) -> bool:
+    root = tracefs()
+    return bool(root) and os.path.isdir(os.path.join(root, "events", category, name))
+
+
+def preflight() -> list[str]:
+    """Raise LoaderError with a fix for anything that stops tracing; return warnings."""
+    if os.geteuid() != 0:
+        raise LoaderError("tracing needs root: run it with sudo (e.g. sudo tcpwatch trace)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise LoaderError(
+            "bcc's Python module is not importable: install python3-bpfcc (Debian/Ubuntu) "
+            "and use a venv made with --system-site-packages (scripts/install.sh does both); "
+            "the PyPI package named 'bcc' is an unrelated project"
+        ) from None
+    if tracefs() is None:
+        raise LoaderError(
+            "tracefs is not mounted, so no tracepoint is visible: "
+            "mount -t tracefs tracefs /sys/kernel/tracing"
+        )
+    if not (
+        tracepoint_exists("sock", "inet_sock_set_state")
+        or tracepoint_exists("tcp", "tcp_set_state")
+        or _kprobes_possible()
+    ):
+        raise LoaderError(
+            "this kernel has neither the sock:inet_sock_set_state (4.16+) nor the "
+            "tcp:tcp_set_state (4.15) tracepoint, nor kprobes: TCP state changes cannot be traced"
+        )
+    warnings = []
+    release = os.uname().release
+    build = Path(f"/lib/modules/{release}/build")
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        build = Path(os.environ["BCC_KERNEL_SOURCE"])
+    if not build.exists():
+        raise LoaderError(
+            f"kernel headers not found at {build}: install linux-headers-{release} "
+            "(or the nearest, linked there; scripts/install.sh does it)"
+        )
+    version = build.resolve().name
+    if release not in version:
+        warnings.append(
+            f"kernel headers are from {version}, not {release}: tracepoint programs are "
+            "unaffected, struct reads are checked at start-up"
+        )
+    return warnings
+
+
+def _kprobes_possible() -> bool:
+    root = tracefs()
+    return bool(root) and os.path.exists(os.path.join(root, "kprobe_events"))
+
+
+def _quiet_bpf(**kwargs):
+    """BPF(...) with clang's warnings about the headers kept off the user's terminal."""
+    from bcc import BPF
+
+    if os.environ.get("TCPWATCH_DEBUG"):
+        return BPF(**kwargs)
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        return BPF(**kwargs)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _try_close_hook(kind: int) -> bool:
+    """Load and attach a do-nothing tcp_close program: the check BPF.support_kfunc()
+    cannot make (it says yes on kernels that refuse fentry with EPERM)."""
+    text = {
+        1: "KFUNC_PROBE(tcp_close, void *sk, long timeout) { return 0; }",
+        2: "int probe(struct pt_regs *ctx) { return 0; }",
+    }[kind]
+    try:
+        b = _quiet_bpf(text=text)
+        try:
+            if kind == 2:
+                b.attach_kprobe(event="tcp_close", fn_name="probe")
+            return True
+        finally:
+            b.cleanup()
+    except Exception:
+        return False
+
+
+class KernelSource:
+    """Live events from the kernel: open(), then poll() for raw event batches."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.bpf = None
+        self._batch: list[bytes] = []
+        self._callback = None
+        self._stack_cache: dict[tuple[int, int], list[str]] = {}
+
+    # --- start-up ---------------------------------------------------------------
+
+    def _defines(self, state_tp: int, close_hook: int) -> list[str]:
+        have = {
+            "RECV_LENGTH": ("sock", "sock_recv_length"),
+            "SEND_LENGTH": ("sock", "sock_send_length"),
+            "SYS_CLOSE": ("syscalls", "sys_enter_close"),
+            "SYS_CLOSE_RANGE": ("syscalls", "sys_enter_close_range"),
+            "SYS_SHUTDOWN": ("syscalls", "sys_enter_shutdown"),
+            "PROCESS_EXIT": ("sched", "sched_process_exit"),
+            "RECEIVE_RESET": ("tcp", "tcp_receive_reset"),
+            "ERROR_REPORT": ("sock", "inet_sk_error_report"),
+        }
+        flags = [
+            f"-DTW_STATE_TP={state_tp}",
+            f"-DTW_CLOSE_HOOK={close_hook}",
+            f"-DTW_MAX_SOCKS={int(self.opts.max_socks)}",
+            f"-DTW_RB_PAGES={int(self.opts.ring_pages)}",
+            f"-I{schema.bpf_dir()}",
+        ]
+        self.optional = {}
+        for name, (cat, event) in have.items():
+            ok = tracepoint_exists(cat, event)
+            self.optional[f"{cat}:{event}"] = ok
+            if ok:
+                flags.append(f"-DTW_HAVE_{name}")
+        if self.opts.stacks:
+            flags.append("-DTW_STACKS")
+        return flags
+
+    def open(self) -> Opened:
+        started = time.monotonic()
+        warnings: list[str] = []
+        state_candidates = []
+        if tracepoint_exists("sock", "inet_sock_set_state"):
+            state_candidates.append((1, "tracepoint:sock:inet_sock_set_state"))
+        if tracepoint_exists("tcp", "tcp_set_state"):
+            state_candidates.append((2, "tracepoint:tcp:tcp_set_state"))
+        state_candidates.append((3, "kprobe:tcp_set_state"))
+
+        close_hook, close_name = 0, None
+        if _try_close_hook(1):
+            close_hook, close_name = 1, "fentry:tcp_close"
+        elif _try_close_hook(2):
+            close_hook, close_name = 2, "kprobe:tcp_close"
+
+        src = (schema.bpf_dir() / "tcpwatch.bpf.c").read_text()
+        errors = []
+        state_name = None
+        for state_tp, name in state_candidates:
+            try:
+                self.bpf = _quiet_bpf(text=src, cflags=self._defines(state_tp, close_hook))
+                state_name = name
+                break
+            except Exception as exc:  # bcc raises plain Exception on load/attach failures
+                errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else exc}")
+        if self.bpf is None:
+            raise LoaderError("could not load any TCP state hook (" + "; ".join(errors) + ")")
+        if len(errors):
+            warnings.append("fell back to " + str(state_name) + " (" + "; ".join(errors) + ")")
+
+        warnings += self._calibrate(state_tp)
+        self._configure()
+        self._callback = self._on_event
+        self.bpf["events"].open_ring_buffer(self._callback)
+        self._set(schema.layout().consts["TW_CFG_ENABLED"], 1)
+
+        owner = [k for k in ("sock:sock_recv_length", "sock:sock_send_length") if self.optional[k]]
+        outcome = [
+            k
+            for k in (
+                "syscalls:sys_enter_close",
+                "syscalls:sys_enter_close_range",
+                "syscalls:sys_enter_shutdown",
+                "sched:sched_process_exit",
+                "tcp:tcp_receive_reset",
+                "sock:inet_sk_error_report",
+            )
+            if self.optional[k]
+        ]
+        if not owner:
+            warnings.append(
+                "no sock_recv_length/sock_send_length tracepoints (Linux < 6.5): owners of "
+                "accepted sockets are found from the listener or from /proc only"
+            )
+        if close_hook == 0:
+            warnings.append(
+                "no fentry or kprobe on tcp_close on this kernel: close outcomes come from "
+                "the close/shutdown/exit tracepoints"
+            )
+        hooks = {
+            "state": state_name,
+            "close": close_name,
+            "owner": ",".join(owner) or None,
+            "outcome": ",".join(outcome) or None,
+            "netns": self.netns_hook,
+        }
+        return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
+
+    def _set(self, slot: int, value: int) -> None:
+        self.bpf["config"][ctypes.c_int(slot)] = ctypes.c_uint64(value)
+
+    def _calibrate(self, state_tp: int) -> list[str]:
+        """Find where struct net keeps the namespace inode, by making a connection in our
+        own namespace and looking for our inode in the struct the kernel points to."""
+        c = schema.layout().consts
+        self.netns_hook = None
+        want = os.stat("/proc/self/ns/net").st_ino
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            port = lsock.getsockname()[1]
+            self._set(c["TW_CFG_NET_OFF"], SKC_NET_OFFSET)
+            self._set(c["TW_CFG_CALIB_PORT"], port)
+            lsock.listen(1)
+        self._set(c["TW_CFG_CALIB_PORT"], 0)
+        raw = bytes(self.bpf["calib"][ctypes.c_int(0)])
+        net_ptr = struct.unpack_from("=Q", raw, 0)[0]
+        head = raw[8:72]
+        body = raw[72:]
+        family = struct.unpack_from("=H", head, SKC_FAMILY_OFFSET)[0]
+        num = struct.unpack_from("=H", head, SKC_NUM_OFFSET)[0]
+        problem = None
+        if family != socket.AF_INET or num != port:
+            problem = "struct sock_common does not have the expected layout"
+        elif net_ptr < 0xFFFF800000000000:
+            problem = "sk->skc_net is not a kernel pointer"
+        else:
+            hits = [
+                off for off in range(0, len(body) - 3, 4)
+                if struct.unpack_from("=I", body, off)[0] == want
+            ]
+            if len(hits) != 1:
+                problem = f"namespace inode found {len(hits)} times in struct net"
+            else:
+                self._set(c["TW_CFG_NETNS_OFF"], hits[0])
+                self.netns_hook = f"struct net+{hits[0]} (checked)"
+                return []
+        self._set(c["TW_CFG_NET_OFF"], 0)
+        return [f"network namespace ids disabled ({problem}); netns will be null"]
+
+    def _configure(self) -> None:
+        c = schema.layout().consts
+        if self.opts.pids:
+            table = self.bpf["pid_filter"]
+            for pid in self.opts.pids:
+                table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+            self._set(c["TW_CFG_FILTER_PID"], 1)
+        if self.opts.ports:
+            table = self.bpf["port_filter"]
+            for port in self.opts.ports:
+                table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+            self._set(c["TW_CFG_FILTER_PORT"], 1)
+        if self.opts.states:
+            mask = 0
+            for st in self.opts.states:
+                mask |= 1 << st
+            self._set(c["TW_CFG_STATE_MASK"], mask)
+
+    # --- running ----------------------------------------------------------------
+
+    def _on_event(self, ctx, data, size) -> int:
+        # Return 0: returning None costs bcc an exception per event (kernel-notes.md).
+        self._batch.append(ctypes.string_at(data, size))
+        return 0
+
+    def poll(self, timeout_s: float) -> list[bytes]:
+        """Wait up to timeout_s for the buffer to fill, then drain whatever is there."""
+        self.bpf.ring_buffer_poll(int(timeout_s * 1000))
+        self.bpf.ring_buffer_consume()
+        batch, self._batch = self._batch, []
+        return batch
+
+    def counters(self) -> dict[str, int]:
+        c = schema.layout().consts
+        table = self.bpf["counters"]
+        out = {}
+        for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED"):
+            out[name.lower()] = int(sum(table[ctypes.c_int(c["TW_CNT_" + name])]))
+        return out
+
+    def lost(self) -> int:
+        return self.counters()["lost"]
+
+    def symbolize(self, ev: dict) -> dict:
+        """Kernel and user stacks of an event as lists of 'function+0xoff' strings."""
+        if not self.opts.stacks:
+            return {}
+        out = {}
+        for key, sid, pid in (
+            ("kstack", ev["kstack_id"], -1),
+            ("ustack", ev["ustack_id"], ev["actor_pid"]),
+        ):
+            if sid >= 0:
+                if (sid, pid) not in self._stack_cache:
+                    self._stack_cache[(sid, pid)] = self._frames(sid, pid)
+                out[key] = self._stack_cache[(sid, pid)]
+        return out
+
+    def _frames(self, sid: int, pid: int) -> list[str]:
+        try:
+            addrs = list(self.bpf["stacks"].walk(sid))
+        except KeyError:
+            return []
+        if pid < 0:
+            names = [self.bpf.ksym(a, show_offset=True) for a in addrs]
+        else:
+            names = [self.bpf.sym(a, pid, show_module=True, show_offset=True) for a in addrs]
+        return [n.decode("utf-8", "replace") for n in names]
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            with contextlib.suppress(Exception):
+                self.bpf.cleanup()
+            self.bpf = None
+
+
+def mono_to_wall_ns() -> int:
+    """Offset from bpf_ktime_get_ns() (CLOCK_MONOTONIC) to wall-clock ns."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)

@@ -1,0 +1,607 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// tcpwatch kernel programs (bcc C). Compiled by agent/tcpwatch/loader.py, which picks
+// the variant with -D defines from what the running kernel offers:
+//   TW_STATE_TP      1: sock:inet_sock_set_state, 2: tcp:tcp_set_state (4.15), 3: kprobe tcp_set_state
+//   TW_CLOSE_HOOK    0: none, 1: fentry tcp_close, 2: kprobe tcp_close
+//   TW_HAVE_*        optional tracepoints that exist on this kernel
+//   TW_STACKS        take kernel/user stacks (--stacks)
+//   TW_MAX_SOCKS, TW_RB_PAGES  map and ring buffer sizes
+// User input never reaches this text: filters live in maps written after load.
+//
+// No kernel header is included on the tracepoint paths: tracepoint arguments carry
+// everything except the network namespace, which is read through two offsets that
+// the loader calibrates at start-up (TW_CFG_NET_OFF, TW_CFG_NETNS_OFF).
+
+#if TW_STATE_TP == 3 || TW_CLOSE_HOOK != 0
+#include <net/sock.h>
+#endif
+#include "tcpwatch.h"
+
+#ifndef TW_MAX_SOCKS
+#define TW_MAX_SOCKS 262144
+#endif
+#ifndef TW_RB_PAGES
+#define TW_RB_PAGES 2048
+#endif
+
+#define TW_AF_INET 2
+#define TW_AF_INET6 10
+#define TW_IPPROTO_TCP 6
+#define TS_ESTABLISHED 1
+#define TS_SYN_SENT 2
+#define TS_SYN_RECV 3
+#define TS_CLOSE 7
+#define TS_CLOSE_WAIT 8
+#define TS_LISTEN 10
+
+// What the current task is doing, to tell why a socket changes state in its context.
+#define TASK_CLOSE 1
+#define TASK_SHUTDOWN 2
+#define TASK_EXIT 3
+#define TASK_WINDOW_NS 1000000000ULL // a flag older than this is stale
+
+// Per-socket state, keyed by the address of struct sock.
+struct tw_sock {
+	u64 state_ts;    // entry into the current state, 0 if before tracing
+	u64 cw_ts;       // entry into CLOSE_WAIT, 0 if not in it or before tracing
+	u64 fin_read_ts; // owner read EOF
+	u64 close_ts;    // tcp_close() entered (close hook only)
+	u32 pid;
+	u32 tid;
+	u32 netns;
+	u8 state;        // current state, 0 if unknown
+	u8 owner;        // 0, TW_F_OWNER or TW_F_OWNER_LISTENER
+	u8 rst;          // RST received
+	u8 flags;        // TW_F_EOF_READ | TW_F_READ_IN_CW
+	char comm[TW_COMM_LEN];
+};
+
+struct tw_task {
+	u64 ts;
+	u32 what;
+};
+
+struct tw_listen_key {
+	u32 netns;
+	u16 family;
+	u16 port;
+};
+
+struct tw_owner {
+	u32 pid;
+	u32 tid;
+	char comm[TW_COMM_LEN];
+};
+
+struct tw_err {
+	u64 ts;
+	u16 sport;
+	u16 dport;
+};
+
+struct tw_calib {
+	u64 net;
+	u8 sock[64];
+	u8 bytes[TW_CALIB_BYTES];
+};
+
+BPF_RINGBUF_OUTPUT(events, TW_RB_PAGES);
+BPF_TABLE("lru_hash", u64, struct tw_sock, socks, TW_MAX_SOCKS);
+BPF_TABLE("lru_hash", u32, struct tw_task, tasks, 65536);
+BPF_TABLE("lru_hash", struct tw_listen_key, struct tw_owner, listeners, 65536);
+BPF_ARRAY(config, u64, TW_CFG_SLOTS);
+BPF_PERCPU_ARRAY(counters, u64, TW_CNT_SLOTS);
+BPF_PERCPU_ARRAY(errs, struct tw_err, 1);
+BPF_ARRAY(calib, struct tw_calib, 1);
+BPF_HASH(pid_filter, u32, u8, 1024);
+BPF_HASH(port_filter, u16, u8, 1024);
+#ifdef TW_STACKS
+BPF_STACK_TRACE(stacks, 16384);
+#endif
+
+static __always_inline u64 cfg(int slot)
+{
+	u64 *v = config.lookup(&slot);
+	return v ? *v : 0;
+}
+
+static __always_inline u64 count(int slot)
+{
+	u64 *v = counters.lookup(&slot);
+
+	if (!v)
+		return 0;
+	return ++(*v);
+}
+
+// Wake userspace once per TW_WAKE_EVERY events per CPU; between wakeups it drains on
+// a timer. A wakeup per event costs ~15x the rest of this program (kernel-notes.md).
+#define TW_WAKE_EVERY 4096
+static __always_inline u64 submit_flags(void)
+{
+	return (count(TW_CNT_EVENTS) % TW_WAKE_EVERY) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
+
+// netns inode of a socket through the calibrated offsets; 0 while unknown.
+static __always_inline u32 sock_netns(u64 sk)
+{
+	u64 net_off = cfg(TW_CFG_NET_OFF), inum_off = cfg(TW_CFG_NETNS_OFF);
+	void *net = 0;
+	u32 inum = 0;
+
+	if (!net_off || !inum_off)
+		return 0;
+	bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk + net_off));
+	if (!net)
+		return 0;
+	bpf_probe_read_kernel(&inum, sizeof(inum), net + inum_off);
+	return inum;
+}
+
+// Dump the head of struct sock and of its struct net for the loader's calibration
+// connection, so it can find (and check) the offsets instead of trusting headers.
+static __always_inline void calibrate(u64 sk, int old, int new, u16 sport)
+{
+	u64 port = cfg(TW_CFG_CALIB_PORT);
+	u64 net_off = cfg(TW_CFG_NET_OFF);
+	int zero = 0;
+	struct tw_calib *c;
+
+	// The listen() of the loader's own socket: bound, so the port is in place.
+	if (!port || sport != port || old != TS_CLOSE || new != TS_LISTEN)
+		return;
+	c = calib.lookup(&zero);
+	if (!c)
+		return;
+	bpf_probe_read_kernel(c->sock, sizeof(c->sock), (void *)sk);
+	if (net_off)
+		bpf_probe_read_kernel(&c->net, sizeof(c->net), (void *)(sk + net_off));
+	if (c->net)
+		bpf_probe_read_kernel(c->bytes, sizeof(c->bytes), (void *)c->net);
+}
+
+static __always_inline void set_owner_current(struct tw_sock *s)
+{
+	u64 id = bpf_get_current_pid_tgid();
+
+	s->pid = id >> 32;
+	s->tid = (u32)id;
+	s->owner = TW_F_OWNER;
+	bpf_get_current_comm(&s->comm, sizeof(s->comm));
+}
+
+static __always_inline int wanted(struct tw_sock *s, int old, int new, u16 sport, u16 dport)
+{
+	u64 mask = cfg(TW_CFG_STATE_MASK);
+
+	if (mask && !(mask & ((1ULL << old) | (1ULL << new))))
+		return 0;
+	if (cfg(TW_CFG_FILTER_PORT) && !port_filter.lookup(&sport) && !port_filter.lookup(&dport))
+		return 0;
+	if (cfg(TW_CFG_FILTER_PID)) {
+		// An unknown owner may still be the wanted one: let CLOSE_WAIT traffic through
+		// and let userspace decide from /proc who holds the socket.
+		if (!s->owner)
+			return old == TS_CLOSE_WAIT || new == TS_CLOSE_WAIT;
+		if (!pid_filter.lookup(&s->pid))
+			return 0;
+	}
+	return 1;
+}
+
+// Why did the socket change state? Judged from what happened to it and to the task.
+static __always_inline u8 outcome_of(struct tw_sock *s, u64 now, u16 sport, u16 dport)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct tw_task *t;
+	struct tw_err *e;
+	int zero = 0;
+
+	// RST and errors arrive in softirq: current is unrelated, so these come first.
+	if (s->rst)
+		return TW_OUT_RESET;
+	e = errs.lookup(&zero);
+	if (e && e->ts && now - e->ts < 1000000 && e->sport == sport && e->dport == dport)
+		return TW_OUT_ERROR;
+	t = tasks.lookup(&tid);
+	if (t && now - t->ts < TASK_WINDOW_NS) {
+		if (t->what == TASK_EXIT)
+			return TW_OUT_EXIT;
+		if (t->what == TASK_SHUTDOWN)
+			return TW_OUT_SHUTDOWN;
+		if (t->what == TASK_CLOSE)
+			return TW_OUT_CLOSE;
+	}
+	// tcp_close() entry seen by the close hook, in the closing task.
+	if (s->close_ts && now - s->close_ts < TASK_WINDOW_NS)
+		return TW_OUT_CLOSE;
+	return TW_OUT_NONE;
+}
+
+static __always_inline void emit_state(void *ctx, u64 sk, struct tw_sock *s, int old, int new,
+				       u16 family, u16 sport, u16 dport, u8 *saddr, u8 *daddr,
+				       u64 now, u64 prev_ns, u64 cw_ns, u8 flags, u8 outcome)
+{
+	struct tw_event *e;
+
+	e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		count(TW_CNT_LOST);
+		return;
+	}
+	e->ts_ns = now;
+	e->sk = sk;
+	e->prev_ns = prev_ns;
+	e->cw_ns = cw_ns;
+	e->fin_read_ns = s->fin_read_ts;
+	__builtin_memcpy(e->saddr, saddr, 16);
+	__builtin_memcpy(e->daddr, daddr, 16);
+	e->pid = s->pid;
+	e->tid = s->tid;
+	__builtin_memcpy(e->comm, s->comm, TW_COMM_LEN);
+	e->netns = s->netns;
+	e->family = family;
+	e->sport = sport;
+	e->dport = dport;
+	e->kind = TW_KIND_STATE;
+	e->oldstate = old;
+	e->newstate = new;
+	e->outcome = outcome;
+	e->pad = 0;
+	e->flags = flags | s->owner | s->flags;
+	e->kstack_id = -1;
+	e->ustack_id = -1;
+	if (flags & TW_F_ACTOR) {
+		u64 id = bpf_get_current_pid_tgid();
+
+		e->actor_pid = id >> 32;
+		e->actor_tid = (u32)id;
+		bpf_get_current_comm(&e->actor_comm, sizeof(e->actor_comm));
+	} else {
+		e->actor_pid = 0;
+		e->actor_tid = 0;
+		__builtin_memset(e->actor_comm, 0, TW_COMM_LEN);
+	}
+#ifdef TW_STACKS
+	e->kstack_id = stacks.get_stackid(ctx, 0);
+	if (flags & TW_F_ACTOR)
+		e->ustack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+#endif
+	events.ringbuf_submit(e, submit_flags());
+}
+
+static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 family, u16 sport,
+				    u16 dport, u8 *saddr, u8 *daddr)
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 prev_ns = 0, cw_ns = 0;
+	u8 flags = 0, outcome = TW_OUT_NONE;
+	struct tw_sock *s, zero = {};
+
+	calibrate(sk, old, new, sport);
+
+	s = socks.lookup(&sk);
+	if (!s) {
+		// A socket is born CLOSE -> SYN_SENT/LISTEN, or LISTEN -> SYN_RECV when a
+		// listener clones a child. Anything else was already there before tracing.
+		if (old == TS_CLOSE || (old == TS_LISTEN && new == TS_SYN_RECV))
+			zero.state_ts = now;
+		else
+			count(TW_CNT_SOCK_MISS);
+		zero.state = old;
+		zero.netns = sock_netns(sk);
+		if (socks.update(&sk, &zero)) {
+			count(TW_CNT_SOCK_FULL);
+			return 0;
+		}
+		s = socks.lookup(&sk);
+		if (!s)
+			return 0;
+	}
+	if (s->state_ts)
+		prev_ns = now - s->state_ts;
+	else
+		flags |= TW_F_PREV_UNKNOWN;
+
+	// Owner learnt from transitions that run in the owner's process context:
+	// connect() moves CLOSE -> SYN_SENT, listen() CLOSE -> LISTEN. A child socket
+	// inherits the owner of its listener (the FIN may arrive before accept()).
+	if (old == TS_CLOSE && (new == TS_SYN_SENT || new == TS_LISTEN)) {
+		set_owner_current(s);
+		flags |= TW_F_ACTOR;
+		if (new == TS_LISTEN) {
+			struct tw_listen_key lk = {.netns = s->netns, .family = family, .port = sport};
+			struct tw_owner o = {.pid = s->pid, .tid = s->tid};
+
+			__builtin_memcpy(o.comm, s->comm, TW_COMM_LEN);
+			listeners.update(&lk, &o);
+		}
+	} else if (old == TS_LISTEN && new == TS_SYN_RECV && !s->owner) {
+		struct tw_listen_key lk = {.netns = s->netns, .family = family, .port = sport};
+		struct tw_owner *o = listeners.lookup(&lk);
+
+		if (o) {
+			s->pid = o->pid;
+			s->tid = o->tid;
+			__builtin_memcpy(s->comm, o->comm, TW_COMM_LEN);
+			s->owner = TW_F_OWNER_LISTENER;
+		}
+	}
+
+	// Leaving CLOSE_WAIT: how long, why, and who did it. Only here is the current
+	// task trusted as an actor: other transitions to CLOSE often run in softirq
+	// inside the *peer's* close() on loopback.
+	if (old == TS_CLOSE_WAIT) {
+		if (s->cw_ts)
+			cw_ns = now - s->cw_ts;
+		else
+			flags |= TW_F_CW_UNKNOWN;
+		outcome = outcome_of(s, now, sport, dport);
+		// close/shutdown/exit run in the process that holds the socket.
+		if (outcome == TW_OUT_CLOSE || outcome == TW_OUT_SHUTDOWN || outcome == TW_OUT_EXIT) {
+			flags |= TW_F_ACTOR;
+			if (!s->owner)
+				set_owner_current(s);
+		}
+	}
+
+	if (cfg(TW_CFG_ENABLED) && wanted(s, old, new, sport, dport))
+		emit_state(ctx, sk, s, old, new, family, sport, dport, saddr, daddr, now, prev_ns,
+			   cw_ns, flags, outcome);
+	else
+		count(TW_CNT_FILTERED);
+
+	if (new == TS_CLOSE) {
+		if (old == TS_LISTEN) {
+			struct tw_listen_key lk = {.netns = s->netns, .family = family, .port = sport};
+
+			listeners.delete(&lk);
+		}
+		socks.delete(&sk);
+		return 0;
+	}
+	s->state = new;
+	s->state_ts = now;
+	if (new == TS_CLOSE_WAIT) {
+		s->cw_ts = now;
+		s->flags &= ~TW_F_READ_IN_CW;
+	}
+	return 0;
+}
+
+#if TW_STATE_TP == 1
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	u8 saddr[16] = {}, daddr[16] = {};
+
+	if (args->protocol != TW_IPPROTO_TCP)
+		return 0;
+	if (args->family == TW_AF_INET) {
+		__builtin_memcpy(saddr, args->saddr, 4);
+		__builtin_memcpy(daddr, args->daddr, 4);
+	} else {
+		__builtin_memcpy(saddr, args->saddr_v6, 16);
+		__builtin_memcpy(daddr, args->daddr_v6, 16);
+	}
+	return on_state(args, (u64)args->skaddr, args->oldstate, args->newstate, args->family,
+			args->sport, args->dport, saddr, daddr);
+}
+#elif TW_STATE_TP == 2
+// Linux 4.15: no family field; an IPv4 socket shows a v4-mapped or empty saddr_v6.
+TRACEPOINT_PROBE(tcp, tcp_set_state)
+{
+	u8 saddr[16] = {}, daddr[16] = {};
+	u16 family = TW_AF_INET6;
+	u32 w0, w1, w2;
+
+	__builtin_memcpy(&w0, args->saddr_v6, 4);
+	__builtin_memcpy(&w1, args->saddr_v6 + 4, 4);
+	__builtin_memcpy(&w2, args->saddr_v6 + 8, 4);
+	if (w0 == 0 && w1 == 0 && (w2 == 0 || w2 == 0xffff0000))
+		family = TW_AF_INET;
+	if (family == TW_AF_INET) {
+		__builtin_memcpy(saddr, args->saddr, 4);
+		__builtin_memcpy(daddr, args->daddr, 4);
+	} else {
+		__builtin_memcpy(saddr, args->saddr_v6, 16);
+		__builtin_memcpy(daddr, args->daddr_v6, 16);
+	}
+	return on_state(args, (u64)args->skaddr, args->oldstate, args->newstate, family,
+			args->sport, args->dport, saddr, daddr);
+}
+#elif TW_STATE_TP == 3
+// Last resort: kprobe on tcp_set_state(sk, state), fields read through the headers'
+// struct layout (the loader checks the result on its calibration connection).
+int kprobe__tcp_set_state(struct pt_regs *ctx, struct sock *sk, int state)
+{
+	u8 saddr[16] = {}, daddr[16] = {};
+	u16 family = sk->__sk_common.skc_family;
+	u16 sport = sk->__sk_common.skc_num;
+	u16 dport = sk->__sk_common.skc_dport;
+	int old = sk->__sk_common.skc_state;
+
+	dport = ntohs(dport);
+	if (family == TW_AF_INET) {
+		bpf_probe_read_kernel(saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_probe_read_kernel(daddr, 4, &sk->__sk_common.skc_daddr);
+	} else if (family == TW_AF_INET6) {
+		bpf_probe_read_kernel(saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(daddr, 16, &sk->__sk_common.skc_v6_daddr);
+	} else {
+		return 0;
+	}
+	return on_state(ctx, (u64)sk, old, state, family, sport, dport, saddr, daddr);
+}
+#endif
+
+// --- owner: process-context hooks on the socket itself ----------------------------
+
+static __always_inline void seen_in_process(u64 sk, int ret, int is_recv)
+{
+	struct tw_sock *s = socks.lookup(&sk);
+	u64 id = bpf_get_current_pid_tgid();
+
+	if (!s)
+		return;
+	if (s->owner != TW_F_OWNER || s->pid != (id >> 32))
+		set_owner_current(s);
+	if (!is_recv || ret < 0)
+		return;
+	if (ret > 0) {
+		if (s->state == TS_CLOSE_WAIT)
+			s->flags |= TW_F_READ_IN_CW;
+		return;
+	}
+	// recv() returned 0: the application saw EOF. Report it once per socket.
+	if (s->flags & TW_F_EOF_READ)
+		return;
+	s->flags |= TW_F_EOF_READ;
+	s->fin_read_ts = bpf_ktime_get_ns();
+	if (!cfg(TW_CFG_ENABLED))
+		return;
+	struct tw_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		count(TW_CNT_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = s->fin_read_ts;
+	e->sk = sk;
+	e->kind = TW_KIND_EOF;
+	e->pid = s->pid;
+	e->tid = s->tid;
+	__builtin_memcpy(e->comm, s->comm, TW_COMM_LEN);
+	e->netns = s->netns;
+	e->oldstate = s->state;
+	e->newstate = s->state;
+	e->flags = s->owner | s->flags;
+	e->fin_read_ns = s->fin_read_ts;
+	e->kstack_id = -1;
+	e->ustack_id = -1;
+	events.ringbuf_submit(e, submit_flags());
+}
+
+#ifdef TW_HAVE_RECV_LENGTH
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+	if (args->protocol != TW_IPPROTO_TCP)
+		return 0;
+	// MSG_PEEK (2) reads nothing; it says nothing about EOF handling.
+	if (args->flags & 2)
+		return 0;
+	seen_in_process((u64)args->sk, args->ret, 1);
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_SEND_LENGTH
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+	if (args->protocol != TW_IPPROTO_TCP)
+		return 0;
+	seen_in_process((u64)args->sk, args->ret, 0);
+	return 0;
+}
+#endif
+
+// --- outcome: what the current task is doing --------------------------------------
+
+static __always_inline void task_doing(u32 what)
+{
+	struct tw_task t = {.ts = bpf_ktime_get_ns(), .what = what};
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+
+	tasks.update(&tid, &t);
+}
+
+#ifdef TW_HAVE_SYS_CLOSE
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	task_doing(TASK_CLOSE);
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_SYS_CLOSE_RANGE
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
+{
+	task_doing(TASK_CLOSE);
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_SYS_SHUTDOWN
+TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
+{
+	// SHUT_RD (0) sends nothing and changes no state.
+	if (args->how == 1 || args->how == 2)
+		task_doing(TASK_SHUTDOWN);
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_PROCESS_EXIT
+// Fires before exit_files(): the descriptors a dying task releases come after this.
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	task_doing(TASK_EXIT);
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_RECEIVE_RESET
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+	u64 sk = (u64)args->skaddr;
+	struct tw_sock *s = socks.lookup(&sk);
+
+	if (s)
+		s->rst = 1;
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_ERROR_REPORT
+// tcp_write_err() reports the error just before tcp_done() closes the socket, on the
+// same CPU; the tracepoint has no socket address, so remember the ports per CPU.
+TRACEPOINT_PROBE(sock, inet_sk_error_report)
+{
+	int zero = 0;
+	struct tw_err *e;
+
+	if (args->protocol != TW_IPPROTO_TCP)
+		return 0;
+	e = errs.lookup(&zero);
+	if (e) {
+		e->ts = bpf_ktime_get_ns();
+		e->sport = args->sport;
+		e->dport = args->dport;
+	}
+	return 0;
+}
+#endif
+
+// --- optional tcp_close hook: exact closer even where syscall tracepoints are absent --
+
+static __always_inline void on_tcp_close(u64 sk)
+{
+	struct tw_sock *s = socks.lookup(&sk);
+
+	if (s)
+		s->close_ts = bpf_ktime_get_ns();
+}
+
+#if TW_CLOSE_HOOK == 1
+KFUNC_PROBE(tcp_close, struct sock *sk, long timeout)
+{
+	on_tcp_close((u64)sk);
+	return 0;
+}
+#elif TW_CLOSE_HOOK == 2
+int kprobe__tcp_close(struct pt_regs *ctx, struct sock *sk)
+{
+	on_tcp_close((u64)sk);
+	return 0;
+}
+#endif
