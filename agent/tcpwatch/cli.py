@@ -1,0 +1,228 @@
+"""Command line: a thin click layer. Nothing here imports bcc until a command needs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+import click
+
+from tcpwatch import __version__, schema
+
+SCHEMA_VERSION = 1
+DEFAULT_LEAK_AFTER_S = 30.0
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class StateName(click.ParamType):
+    """A TCP state by kernel name, any case: close_wait -> 8."""
+
+    name = "STATE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        num = schema.STATE_NUMBERS.get(str(value).upper().replace("-", "_"))
+        if num is None:
+            self.fail(
+                f"{value!r} is not a TCP state; one of: " + ", ".join(schema.STATE_NUMBERS),
+                param,
+                ctx,
+            )
+        return num
+
+
+class Fatal(click.ClickException):
+    """One line on stderr, exit status 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"tcpwatch: error: {self.message}", err=True)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="tcpwatch")
+def app() -> None:
+    """Find TCP sockets stuck in CLOSE_WAIT and the process that leaked them."""
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: every error is one line on stderr and a non-zero exit, no traceback."""
+    try:
+        app.main(args=args, prog_name="tcpwatch", standalone_mode=False)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx:  # bare `tcpwatch`
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx else ""
+        click.echo(f"tcpwatch: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    sys.exit(0)
+
+
+@app.command(context_settings=CONTEXT)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "ndjson"]), default="table", show_default=True,
+    help="What goes to stdout.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+    help="Also write NDJSON records to this file (the table stays on screen).",
+)
+@click.option(
+    "--leak-after", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEAK_AFTER_S,
+    show_default=True, metavar="SECONDS",
+    help="Report a socket as a leak once it has been in CLOSE_WAIT this long.",
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+    help="Stop by itself after this long.",
+)
+@click.option(
+    "--pid", "pids", type=click.IntRange(1, 4194304), multiple=True,
+    help="Only sockets owned or held by this process (repeatable).",
+)
+@click.option(
+    "--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+    help="Only sockets with this local or remote port (repeatable).",
+)
+@click.option(
+    "--state", "states", type=StateName(), multiple=True,
+    help="Only transitions from or to this state, e.g. CLOSE_WAIT (repeatable).",
+)
+@click.option("--stacks", is_flag=True, help="Record kernel and user stacks of each transition.")
+def trace(fmt, output, leak_after, duration, pids, ports, states, stacks) -> None:
+    """Show every TCP state transition on this host, with CLOSE_WAIT timing and leaks.
+
+    \b
+    Examples:
+      sudo tcpwatch trace
+      sudo tcpwatch trace --port 8080 --leak-after 10
+      sudo tcpwatch trace --format ndjson --state CLOSE_WAIT > cw.ndjson
+      sudo tcpwatch trace -o /var/log/tcpwatch.ndjson --duration 3600
+    """
+    from tcpwatch import loader
+
+    try:
+        warnings = loader.preflight()
+    except loader.LoaderError as exc:
+        raise Fatal(str(exc)) from None
+    sinks = _open_sinks(fmt, output)
+    source = loader.KernelSource(
+        loader.Options(stacks=stacks, pids=tuple(pids), ports=tuple(ports), states=tuple(states))
+    )
+    stop_requested = []
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(1))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            opened = source.open()
+        except loader.LoaderError as exc:
+            raise Fatal(str(exc)) from None
+        summary = _run(source, opened, warnings, sinks, leak_after, duration, pids, ports,
+                       states, stacks, stop_requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        source.close()
+    if fmt != "table":  # the table prints its own summary line
+        click.echo(
+            f"tcpwatch: {summary['events']} events, {summary['close_waits']} CLOSE_WAIT exits, "
+            f"{summary['leaks']} leaks, {summary['lost']} lost",
+            err=True,
+        )
+
+
+def _open_sinks(fmt: str, output: str | None) -> list:
+    from tcpwatch.sinks.ndjson import NdjsonSink, open_ndjson
+    from tcpwatch.sinks.table import TableSink
+
+    sinks: list = []
+    if fmt == "ndjson":
+        sinks.append(NdjsonSink(sys.stdout.buffer))
+    else:
+        sinks.append(TableSink(sys.stdout, color=sys.stdout.isatty()))
+    if output:
+        try:
+            sinks.append(open_ndjson(output))
+        except OSError as exc:
+            raise Fatal(f"cannot write {output}: {exc.strerror}") from None
+    return sinks
+
+
+def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, states, stacks,
+         stop_requested) -> dict:
+    from tcpwatch import loader, procnet
+    from tcpwatch.aggregate import Aggregator
+    from tcpwatch.pipeline import TraceLoop, pid_filter
+    from tcpwatch.timefmt import rfc3339
+
+    offset = loader.mono_to_wall_ns()
+    resolver = procnet.Resolver()
+    agg = Aggregator(
+        leak_after_s=leak_after,
+        mono_to_wall_ns=offset,
+        resolve=resolver.resolve,
+        symbolize=source.symbolize if stacks else None,
+    )
+    loop = TraceLoop(source, agg, sinks, mono_to_wall_ns=offset,
+                     keep=pid_filter(pids) if pids else None)
+    now = time.monotonic_ns()
+    start = {
+        "event": "start",
+        "ts": rfc3339(now + offset),
+        "v": SCHEMA_VERSION,
+        "version": __version__,
+        "hostname": socket.gethostname(),
+        "kernel": os.uname().release,
+        "pid": os.getpid(),
+        "hooks": opened.hooks,
+        "leak_after_s": leak_after,
+        "filters": {
+            "pid": list(pids),
+            "port": list(ports),
+            "state": [schema.state_name(s) for s in states],
+        },
+        "startup_s": round(opened.startup_s, 3),
+        "warnings": warnings + opened.warnings,
+    }
+    try:
+        loop.emit([start])
+        if not states or schema.CLOSE_WAIT in states:
+            loop.emit(_existing(agg, procnet, ports, now))
+        for sink in sinks:
+            sink.flush()
+        loop.stopping = bool(stop_requested)
+        _install_stop(loop, stop_requested)
+        summary = loop.run(duration)
+        loop.close()
+    except BrokenPipeError:
+        # stdout went away (e.g. `| head`): nothing more to say, and nothing to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    return summary
+
+
+def _install_stop(loop, stop_requested: list) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, loop.stop)
+    if stop_requested:
+        loop.stop()
+
+
+def _existing(agg, procnet, ports, now: int) -> list[dict]:
+    """Sockets already in CLOSE_WAIT, in every reachable network namespace."""
+    entries = procnet.snapshot({schema.CLOSE_WAIT})
+    if ports:
+        entries = [e for e in entries if e.lport in ports or e.rport in ports]
+    holders = procnet.holders_of({e.inode for e in entries if e.inode})
+    return agg.seed_existing(entries, holders, now)
+
+

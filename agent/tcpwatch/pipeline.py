@@ -1,0 +1,126 @@
+"""The trace loop: source -> decode -> aggregator -> sinks, until told to stop.
+
+Independent of bcc: the source is anything with poll()/counters()/symbolize(), so
+tests drive it with recorded or synthetic raw events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Callable, Protocol
+
+from tcpwatch import schema
+from tcpwatch.aggregate import Aggregator
+from tcpwatch.timefmt import rfc3339
+
+
+class Source(Protocol):
+    def poll(self, timeout_s: float) -> list[bytes]: ...
+    def counters(self) -> dict[str, int]: ...
+
+
+class Sink(Protocol):
+    def write(self, record: dict) -> None: ...
+    def maybe_flush(self, now: float) -> None: ...
+    def close(self) -> None: ...
+
+
+def pid_filter(pids: Iterable[int]) -> Callable[[dict], bool]:
+    """Keep records about the given processes: as owner, holder or closer.
+
+    The kernel lets CLOSE_WAIT transitions of sockets with an unknown owner through
+    (the owner may be one of these pids); this is where they are decided.
+
+    >>> keep = pid_filter([42])
+    >>> keep({"event": "leak", "pid": 7, "holders": [{"pid": 42}]}), keep({"pid": 7})
+    (True, False)
+    """
+    wanted = set(pids)
+
+    def keep(rec: dict) -> bool:
+        if rec.get("event") in ("start", "lost", "summary"):
+            return True
+        if rec.get("pid") in wanted or rec.get("closer_pid") in wanted:
+            return True
+        return any(h.get("pid") in wanted for h in rec.get("holders") or ())
+
+    return keep
+
+
+class TraceLoop:
+    """Runs a source through an aggregator into sinks; stop() may come from a signal."""
+
+    def __init__(
+        self,
+        source: Source,
+        aggregator: Aggregator,
+        sinks: list[Sink],
+        mono_to_wall_ns: int,
+        keep: Callable[[dict], bool] | None = None,
+        poll_s: float = 0.1,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.source = source
+        self.agg = aggregator
+        self.sinks = sinks
+        self.keep = keep
+        self.mono_to_wall_ns = mono_to_wall_ns
+        self.poll_s = poll_s
+        self.clock = clock
+        self.lost_reported = 0
+        self.stopping = False
+
+    def stop(self, *_args: object) -> None:
+        self.stopping = True
+
+    def emit(self, records: Iterable[dict]) -> None:
+        for rec in records:
+            if self.keep is None or self.keep(rec):
+                for sink in self.sinks:
+                    sink.write(rec)
+
+    def _drain(self, timeout_s: float) -> None:
+        decode = schema.decode
+        feed = self.agg.feed
+        for raw in self.source.poll(timeout_s):
+            self.emit(feed(decode(raw)))
+
+    def _check_lost(self) -> None:
+        total = self.source.counters()["lost"]
+        if total > self.lost_reported:
+            ts = rfc3339(self.clock() + self.mono_to_wall_ns)
+            count = total - self.lost_reported
+            self.emit([{"event": "lost", "ts": ts, "count": count, "total": total}])
+            self.lost_reported = total
+
+    def run(self, duration_s: float | None = None) -> dict:
+        """Loop until stop() or duration_s; returns the summary record (also emitted)."""
+        start = self.clock()
+        deadline = start + int(duration_s * 1e9) if duration_s else None
+        last_second = start
+        while not self.stopping:
+            self._drain(self.poll_s)
+            now = self.clock()
+            self.emit(self.agg.tick(now))
+            if now - last_second >= 1_000_000_000:
+                self._check_lost()
+                last_second = now
+            wall = time.monotonic()
+            for sink in self.sinks:
+                sink.maybe_flush(wall)
+            if deadline is not None and now >= deadline:
+                break
+        # Whatever the kernel produced before we stopped is still delivered.
+        self._drain(0)
+        now = self.clock()
+        self.emit(self.agg.tick(now))
+        self._check_lost()
+        summary = self.agg.summary(now)
+        summary["lost"] = self.lost_reported
+        self.emit([summary])
+        return summary
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,128 @@
+"""CLI behaviour that needs no kernel: help, version, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from tcpwatch import __version__, cli, loader
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_version(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and __version__ in out
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_trace_help_lists_every_option(flag, capsys):
+    code, out, _ = run(["trace", flag], capsys)
+    assert code == 0
+    for opt in ("--format", "--output", "--leak-after", "--duration", "--pid", "--port",
+                "--state", "--stacks"):
+        assert opt in out
+    assert "sudo tcpwatch trace" in out
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["trace", "--port", "0"], "--port"),
+        (["trace", "--port", "70000"], "--port"),
+        (["trace", "--pid", "abc"], "--pid"),
+        (["trace", "--pid", "-3"], "--pid"),
+        (["trace", "--state", "WAITING"], "not a TCP state"),
+        (["trace", "--leak-after", "0"], "--leak-after"),
+        (["trace", "--leak-after", "-5"], "--leak-after"),
+        (["trace", "--duration", "soon"], "--duration"),
+        (["trace", "--format", "xml"], "--format"),
+        (["trace", "--nope"], "--nope"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(args, needle, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tcpwatch: error:") and needle in lines[0]
+
+
+def test_state_names_accept_any_case(monkeypatch, capsys):
+    seen = {}
+
+    def fake_preflight():
+        seen["called"] = True
+        raise loader.LoaderError("stop here")
+
+    monkeypatch.setattr(loader, "preflight", fake_preflight)
+    code, _, err = run(["trace", "--state", "close-wait", "--state", "last_ack"], capsys)
+    assert seen and code == 1 and "stop here" in err
+
+
+def test_not_root(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    code, out, err = run(["trace"], capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "tcpwatch: error: tracing needs root: run it with sudo (e.g. sudo tcpwatch trace)"
+    ]
+
+
+def test_missing_bcc(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setitem(sys.modules, "bcc", None)  # makes `import bcc` raise ImportError
+    code, _, err = run(["trace"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "python3-bpfcc" in err and "--system-site-packages" in err
+
+
+def test_tracefs_not_mounted(monkeypatch, capsys):
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(loader, "tracefs", lambda: None)
+    code, _, err = run(["trace"], capsys)
+    assert code == 1 and "mount -t tracefs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_usable_hook(monkeypatch, capsys):
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(loader, "tracefs", lambda: "/nonexistent")
+    monkeypatch.setattr(loader, "tracepoint_exists", lambda cat, name: False)
+    monkeypatch.setattr(loader, "_kprobes_possible", lambda: False)
+    code, _, err = run(["trace"], capsys)
+    assert code == 1 and "inet_sock_set_state" in err and len(err.strip().splitlines()) == 1
+
+
+def test_headers_missing(monkeypatch, capsys):
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(loader, "tracefs", lambda: "/sys/kernel/tracing")
+    monkeypatch.setattr(loader, "tracepoint_exists", lambda cat, name: True)
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", "/nonexistent/headers")
+    code, _, err = run(["trace"], capsys)
+    assert code == 1 and "kernel headers not found" in err and "install" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
+def test_real_unprivileged_user_gets_no_traceback():
+    """As a real unprivileged process (not a monkeypatch): one line, exit 1."""
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "tcpwatch", "trace"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "tcpwatch: error: tracing needs root: run it with sudo (e.g. sudo tcpwatch trace)"
+    ]

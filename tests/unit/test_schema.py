@@ -1,0 +1,93 @@
+"""The Python decoder must agree with the C compiler about struct tw_event."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from tcpwatch import schema
+
+
+def _c_layout(tmp_path) -> dict[str, tuple[int, int]]:
+    """Offsets and sizes of every field as gcc lays them out, plus sizeof."""
+    lay = schema.layout()
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/types.h>",
+        '#include "tcpwatch.h"',
+        "int main(void) {",
+        '  printf("SIZE %zu 0\\n", sizeof(struct tw_event));',
+    ]
+    for name in lay.names:
+        lines.append(
+            f'  printf("{name} %zu %zu\\n", offsetof(struct tw_event, {name}),'
+            f" sizeof(((struct tw_event *)0)->{name}));"
+        )
+    lines.append("  return 0; }")
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "layout"
+    subprocess.run(
+        ["gcc", f"-I{schema.bpf_dir()}", "-o", str(exe), str(src)], check=True, capture_output=True
+    )
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {n: (int(a), int(b)) for n, a, b in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to compile the header")
+def test_python_layout_matches_gcc(tmp_path):
+    c = _c_layout(tmp_path)
+    lay = schema.layout()
+    assert lay.size == c.pop("SIZE")[0]
+    assert {name: (off, size) for name, off, size in lay.fields} == c
+
+
+def test_constants_come_from_the_header():
+    consts = schema.layout().consts
+    assert consts["TW_KIND_STATE"] == 1
+    assert consts["TW_COMM_LEN"] == 16
+    assert set(schema.OUTCOMES) == {
+        consts[k] for k in consts if k.startswith("TW_OUT_")
+    }
+
+
+@pytest.mark.parametrize(
+    "family,laddr,raddr",
+    [(4, "127.0.0.1", "10.1.2.3"), (6, "::1", "2001:db8::7"), (6, "::ffff:127.0.0.1", "::1")],
+)
+def test_round_trip(family, laddr, raddr):
+    ev = {
+        "kind": 1, "ts_ns": 123456789, "sk": 0xFFFF888102C99BC0, "prev_ns": 5, "cw_ns": 7,
+        "fin_read_ns": 9, "laddr": laddr, "raddr": raddr, "pid": 42, "tid": 43, "actor_pid": 44,
+        "actor_tid": 45, "netns": 4026531833, "kstack_id": 3, "ustack_id": -1, "family": family,
+        "lport": 8080, "rport": 51000, "old": 1, "new": 8, "outcome": 2, "flags": 9,
+        "comm": "nginx", "actor_comm": "worker",
+    }
+    assert schema.decode(schema.encode(ev)) == ev
+
+
+def test_decode_known_bytes():
+    """Hand-built bytes, laid out as the kernel writes them (x86-64, little endian)."""
+    import struct
+
+    raw = bytearray(schema.layout().size)
+    struct.pack_into("<QQQQQ", raw, 0, 10, 0xABC, 20, 30, 0)
+    raw[40:44] = bytes([127, 0, 0, 1])
+    raw[56:60] = bytes([192, 0, 2, 9])
+    struct.pack_into("<IIIIIii", raw, 72, 1000, 1001, 0, 0, 4026531833, -1, -1)
+    struct.pack_into("<HHH", raw, 100, 2, 80, 40000)
+    raw[106:110] = bytes([1, 1, 8, 0])
+    raw[112:117] = b"httpd"
+    ev = schema.decode(bytes(raw))
+    ends = (ev["laddr"], ev["lport"], ev["raddr"], ev["rport"])
+    assert ends == ("127.0.0.1", 80, "192.0.2.9", 40000)
+    assert (ev["old"], ev["new"], ev["pid"], ev["comm"], ev["sk"]) == (1, 8, 1000, "httpd", 0xABC)
+    assert ev["family"] == 4 and ev["netns"] == 4026531833
+
+
+def test_state_names_follow_tcp_states_h():
+    assert schema.state_name(8) == "CLOSE_WAIT"
+    assert schema.STATE_NUMBERS["LAST_ACK"] == 9
+    assert schema.state_name(99) == "STATE_99"
