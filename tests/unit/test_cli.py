@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tcpwatch import __version__, cli, loader
 
 

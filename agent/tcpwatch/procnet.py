@@ -1,0 +1,407 @@
+"""TCP sockets and their holders as /proc shows them, in every reachable network namespace.
+
+/proc/net/tcp{,6} lists the sockets of one network namespace (the reader's), with the socket
+inode; /proc/<pid>/fd/* links to "socket:[INODE]" name the processes holding each one. Socket
+inodes are global (one sockfs for the whole machine), so only the tables are per namespace.
+
+Pure userspace: no bcc. Importing needs no privileges; reading other processes' namespaces
+and descriptors needs root (or CAP_SYS_PTRACE + CAP_SYS_ADMIN), and what cannot be read is
+skipped.
+
+>>> snapshot({8})  # doctest: +SKIP
+[TcpEntry(netns=4026531833, family=4, laddr='127.0.0.1', lport=8080, raddr='127.0.0.1',
+          rport=55236, state=8, tx_queue=0, rx_queue=6, uid=0, inode=9204)]
+>>> holders_of([9204])  # doctest: +SKIP
+{9204: [Holder(pid=812, comm='server', fd=5)]}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+@dataclass(frozen=True)
+class TcpEntry:
+    """One line of /proc/net/tcp or tcp6, decoded.
+
+    rx_queue is the kernel's rcv_nxt - copied_seq: unread bytes, plus 1 for a FIN no read has
+    consumed yet (a CLOSE_WAIT socket with 5 unread bytes shows 6). For LISTEN it is the
+    accept backlog. inode is 0 for a socket still in the accept queue and for TIME_WAIT ones.
+    """
+
+    netns: int
+    family: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    state: int
+    tx_queue: int
+    rx_queue: int
+    uid: int
+    inode: int
+
+    @property
+    def key(self) -> tuple:
+        """(netns, family, laddr, lport, raddr, rport), the aggregator's socket key.
+
+        >>> TcpEntry(1, 4, "127.0.0.1", 8080, "127.0.0.1", 55236, 8, 0, 6, 0, 9204).key
+        (1, 4, '127.0.0.1', 8080, '127.0.0.1', 55236)
+        """
+        return (self.netns, self.family, self.laddr, self.lport, self.raddr, self.rport)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process holding a descriptor to a socket: Holder(pid=812, comm='server', fd=5)."""
+
+    pid: int
+    comm: str
+    fd: int
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace and how to read its tables: through a process living in it
+    (pid), or by entering it from a bind mount (path, e.g. /run/netns/blue), or both."""
+
+    inode: int
+    pid: int | None
+    path: str | None
+
+
+@lru_cache(maxsize=4096)  # called for every table line and key: addresses repeat a lot
+def canonical(addr: str) -> str:
+    """The address text used to match sockets across tcp and tcp6: v4-mapped becomes IPv4.
+
+    A dual-stack (v6) listener's children show in tcp6 as ::ffff:a.b.c.d while the same
+    connection seen from IPv4 is a.b.c.d.
+
+    >>> canonical("::ffff:127.0.0.1")
+    '127.0.0.1'
+    >>> canonical("0:0:0:0:0:0:0:1")
+    '::1'
+    >>> canonical("10.0.0.1")
+    '10.0.0.1'
+    """
+    try:
+        raw = socket.inet_pton(socket.AF_INET6, addr)
+    except (OSError, ValueError):
+        return addr  # IPv4 text (or not an address at all): leave it
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+@lru_cache(maxsize=4096)
+def _addr(hexaddr: str) -> str:
+    """Kernel hex address -> text. The kernel prints each 32-bit word of the address in host
+    byte order ("%08X" of a __be32), so every word is byte-swapped on little-endian hosts.
+
+    >>> _addr("0100007F")
+    '127.0.0.1'
+    >>> _addr("0000000000000000FFFF00000100007F")
+    '::ffff:127.0.0.1'
+    """
+    if len(hexaddr) not in (8, 32):
+        raise ValueError(f"bad address {hexaddr!r}")
+    raw = b"".join(
+        int(hexaddr[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hexaddr), 8)
+    )
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def parse_tcp_table(text: str, family: int, netns: int) -> Iterator[TcpEntry]:
+    """Decode /proc/net/tcp (family 4) or /proc/net/tcp6 (family 6) text.
+
+    The header and malformed lines are skipped.
+
+    >>> line = ("   1: 0100007F:1F90 0100007F:D7C4 08 00000000:00000006 00:00000000 00000000"
+    ...         "     0        0 9204 1 0000000049c4f25d 20 4 28 10 -1")
+    >>> next(parse_tcp_table(line, 4, 4026531833))  # doctest: +NORMALIZE_WHITESPACE
+    TcpEntry(netns=4026531833, family=4, laddr='127.0.0.1', lport=8080, raddr='127.0.0.1',
+             rport=55236, state=8, tx_queue=0, rx_queue=6, uid=0, inode=9204)
+    """
+    for line in text.splitlines():
+        # sl local rem st tx:rx tr:tm retrnsmt uid timeout inode ...
+        fields = line.split()
+        try:
+            laddr, lport = fields[1].split(":")
+            raddr, rport = fields[2].split(":")
+            tx_queue, rx_queue = fields[4].split(":")
+            entry = TcpEntry(
+                netns, family, _addr(laddr), int(lport, 16), _addr(raddr), int(rport, 16),
+                int(fields[3], 16), int(tx_queue, 16), int(rx_queue, 16),
+                int(fields[7]), int(fields[9]),
+            )
+        except (IndexError, ValueError, OverflowError):
+            continue  # the header, or a line we do not understand
+        yield entry
+
+
+def _pids(proc_root: str) -> list[int]:
+    """Thread-group ids under proc_root (its numeric entries), ascending."""
+    try:
+        return sorted(int(name) for name in os.listdir(proc_root) if name.isdigit())
+    except OSError:
+        return []
+
+
+def _ns_inode(link: str) -> int:
+    """'net:[4026531833]' -> 4026531833"""
+    if not (link.startswith("net:[") and link.endswith("]")):
+        raise ValueError(f"not a network namespace link: {link!r}")
+    return int(link[5:-1])
+
+
+def list_netns(proc_root: str = "/proc", run_netns: str = "/run/netns") -> list[Namespace]:
+    """Every reachable network namespace, unique by inode, the caller's own first.
+
+    Found through /proc/<pid>/ns/net of every process (the lowest pid in each namespace is
+    kept) and through bind mounts under run_netns (`ip netns add`), which give a path even
+    when no process lives there. Processes that vanish or cannot be read are skipped.
+
+    >>> list_netns()  # doctest: +SKIP
+    [Namespace(inode=4026531833, pid=4242, path=None),
+     Namespace(inode=4026532177, pid=913, path='/run/netns/blue'),
+     Namespace(inode=4026532301, pid=None, path='/run/netns/empty')]
+    """
+    found: dict[int, Namespace] = {}
+    pids = _pids(proc_root)
+    try:
+        own = int(os.readlink(f"{proc_root}/self"))
+        pids.insert(0, own)  # seen twice, kept once: setdefault below
+    except (OSError, ValueError):
+        pass
+    for pid in pids:
+        try:
+            inode = _ns_inode(os.readlink(f"{proc_root}/{pid}/ns/net"))
+        except (OSError, ValueError):
+            continue  # vanished, or not ours to look at
+        found.setdefault(inode, Namespace(inode, pid, None))
+    try:
+        names = sorted(os.listdir(run_netns))
+        dir_dev = os.stat(run_netns).st_dev
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(run_netns, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_dev == dir_dev:
+            continue  # a plain file, not a namespace mounted on it (left by a failed `ip netns`)
+        ns = found.get(st.st_ino)
+        if ns is None:
+            found[st.st_ino] = Namespace(st.st_ino, None, path)
+        elif ns.path is None:
+            found[st.st_ino] = replace(ns, path=path)
+    return list(found.values())
+
+
+def _read_at(dir_fd: int, name: str) -> str:
+    with open(os.open(name, os.O_RDONLY, dir_fd=dir_fd), encoding="latin-1") as f:
+        return f.read()
+
+
+def _tables_at(dir_fd: int, inode: int) -> tuple[str, str] | None:
+    """net/tcp and net/tcp6 under dir_fd (/proc/<pid> or /proc/thread-self), if ns/net there
+    is the namespace `inode` before and after reading; None otherwise."""
+    if _ns_inode(os.readlink("ns/net", dir_fd=dir_fd)) != inode:
+        return None
+    v4 = _read_at(dir_fd, "net/tcp")
+    try:
+        v6 = _read_at(dir_fd, "net/tcp6")
+    except FileNotFoundError:
+        v6 = ""  # IPv6 disabled, or the process just left: the check below tells which
+    if _ns_inode(os.readlink("ns/net", dir_fd=dir_fd)) != inode:
+        return None
+    return v4, v6
+
+
+def _read_via_pid(ns: Namespace, proc_root: str) -> tuple[str, str] | None:
+    # Everything is read relative to one open /proc/<pid> directory: if the process exits
+    # and its pid is reused, reads fail instead of returning another namespace's table.
+    try:
+        dir_fd = os.open(f"{proc_root}/{ns.pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        return _tables_at(dir_fd, ns.inode)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(dir_fd)
+
+
+@lru_cache(maxsize=1)
+def _setns():  # -> ctypes function; loaded on first use, not at import
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc.setns
+
+
+def _read_via_path(ns: Namespace, proc_root: str) -> tuple[str, str] | None:
+    # setns() moves only the calling thread, so it runs in a throw-away thread that ends
+    # inside the namespace; the caller's threads never change namespace. (os.setns is 3.12+.)
+    result: list[tuple[str, str] | None] = [None]
+
+    def enter_and_read() -> None:
+        try:
+            fd = os.open(str(ns.path), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _setns()(fd, CLONE_NEWNET) != 0:
+                    return  # EPERM without CAP_SYS_ADMIN, EINVAL if path is no namespace
+            finally:
+                os.close(fd)
+            dir_fd = os.open(f"{proc_root}/thread-self", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                result[0] = _tables_at(dir_fd, ns.inode)
+            finally:
+                os.close(dir_fd)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=enter_and_read, name="tcpwatch-setns", daemon=True)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def read_tcp(ns: Namespace, proc_root: str = "/proc") -> list[TcpEntry]:
+    """The tcp and tcp6 tables of one namespace, tagged with its inode; [] if unreachable.
+
+    Tries /proc/<pid>/net/tcp{,6} first, then entering ns.path (needs CAP_SYS_ADMIN).
+
+    >>> read_tcp(Namespace(4026532177, None, "/run/netns/blue"))  # doctest: +SKIP
+    [TcpEntry(netns=4026532177, family=4, laddr='127.0.0.1', lport=8080, raddr='0.0.0.0',
+              rport=0, state=10, tx_queue=0, rx_queue=0, uid=0, inode=9202), ...]
+    """
+    tables = None
+    if ns.pid is not None:
+        tables = _read_via_pid(ns, proc_root)
+    if tables is None and ns.path is not None:
+        tables = _read_via_path(ns, proc_root)
+    if tables is None:
+        return []
+    v4, v6 = tables
+    return [*parse_tcp_table(v4, 4, ns.inode), *parse_tcp_table(v6, 6, ns.inode)]
+
+
+def snapshot(
+    states: set[int] | None = None, proc_root: str = "/proc", run_netns: str = "/run/netns"
+) -> list[TcpEntry]:
+    """All TCP sockets in every reachable namespace, only those in `states` if given.
+
+    >>> snapshot({8})  # 8 == CLOSE_WAIT  # doctest: +SKIP
+    [TcpEntry(netns=4026531833, family=4, laddr='127.0.0.1', lport=8080, raddr='127.0.0.1',
+              rport=55236, state=8, tx_queue=0, rx_queue=6, uid=0, inode=9204)]
+    """
+    entries = []
+    for ns in list_netns(proc_root, run_netns):
+        entries.extend(e for e in read_tcp(ns, proc_root) if states is None or e.state in states)
+    return entries
+
+
+def _socket_fds(pid_fd: int, wanted: set[int]) -> list[tuple[int, int]]:
+    """(fd, inode) for each descriptor of one process that is a wanted socket."""
+    fd_dir = os.open("fd", os.O_RDONLY | os.O_DIRECTORY, dir_fd=pid_fd)
+    try:
+        hits = []
+        for name in os.listdir(fd_dir):
+            try:
+                link = os.readlink(name, dir_fd=fd_dir)
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inode = int(link[8:-1])
+                if inode in wanted:
+                    hits.append((int(name), inode))
+        return sorted(hits)
+    finally:
+        os.close(fd_dir)
+
+
+def holders_of(inodes: Iterable[int], proc_root: str = "/proc") -> dict[int, list[Holder]]:
+    """Who holds each of these socket inodes: one pass over /proc/*/fd/*.
+
+    Inodes nobody holds are absent from the result; inode 0 (a socket not accepted yet) is
+    never looked up. Processes that vanish or cannot be read are skipped.
+
+    >>> holders_of([9204, 0, 777])  # doctest: +SKIP
+    {9204: [Holder(pid=812, comm='server', fd=5), Holder(pid=815, comm='worker', fd=5)]}
+    """
+    wanted = {i for i in inodes if i}
+    found: dict[int, list[Holder]] = {}
+    if not wanted:
+        return found
+    for pid in _pids(proc_root):
+        try:
+            pid_fd = os.open(f"{proc_root}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            hits = _socket_fds(pid_fd, wanted)
+            comm = _read_at(pid_fd, "comm").rstrip("\n") if hits else ""
+        except OSError:
+            continue  # vanished, or not ours to read
+        finally:
+            os.close(pid_fd)
+        for fd, inode in hits:
+            found.setdefault(inode, []).append(Holder(pid, comm, fd))
+    return found
+
+
+class Resolver:
+    """What the aggregator calls to learn who holds sockets now.
+
+    >>> Resolver().resolve([(0, 4, "127.0.0.1", 8080, "127.0.0.1", 55236)])  # doctest: +SKIP
+    {(0, 4, '127.0.0.1', 8080, '127.0.0.1', 55236):
+        (TcpEntry(netns=4026531833, ..., inode=9204), [Holder(pid=812, comm='server', fd=5)])}
+    """
+
+    def __init__(self, proc_root: str = "/proc", run_netns: str = "/run/netns") -> None:
+        self.proc_root = proc_root
+        self.run_netns = run_netns
+
+    def resolve(self, keys: Iterable[tuple]) -> dict[tuple, tuple[TcpEntry | None, list[Holder]]]:
+        """Map each (netns, family, laddr, lport, raddr, rport) to (entry, holders).
+
+        netns 0 means unknown: every namespace is searched and the caller's own wins a tie.
+        Addresses match through canonical(), so an IPv4 key finds a dual-stack listener's
+        child listed in tcp6 as ::ffff:a.b.c.d and vice versa. Not found: (None, []).
+        Cost: each needed namespace's table is read once and /proc/*/fd scanned once.
+        """
+        keys = list(dict.fromkeys(keys))
+        wanted_ns = {key[0] for key in keys}
+        by_tuple: dict[tuple, list[TcpEntry]] = {}  # canonical 4-tuple -> entries, own ns first
+        for ns in list_netns(self.proc_root, self.run_netns):
+            if 0 in wanted_ns or ns.inode in wanted_ns:
+                for e in read_tcp(ns, self.proc_root):
+                    tup = (canonical(e.laddr), e.lport, canonical(e.raddr), e.rport)
+                    by_tuple.setdefault(tup, []).append(e)
+
+        found: dict[tuple, TcpEntry | None] = {}
+        for key in keys:
+            netns, family, laddr, lport, raddr, rport = key
+            tup = (canonical(laddr), lport, canonical(raddr), rport)
+            candidates = [e for e in by_tuple.get(tup, ()) if netns in (0, e.netns)]
+            # Prefer the exact family and text, then a live socket over a TIME_WAIT one.
+            found[key] = max(
+                candidates,
+                key=lambda e: (e.family == family and e.laddr == laddr, e.inode != 0),
+                default=None,
+            )
+        holders = holders_of({e.inode for e in found.values() if e is not None}, self.proc_root)
+        return {k: (e, holders.get(e.inode, []) if e else []) for k, e in found.items()}
