@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -148,7 +149,9 @@ def _open_sinks(fmt: str, output: str | None) -> list:
     if fmt == "ndjson":
         sinks.append(NdjsonSink(sys.stdout.buffer))
     else:
-        sinks.append(TableSink(sys.stdout, color=sys.stdout.isatty()))
+        tty = sys.stdout.isatty()
+        width = min(100, shutil.get_terminal_size().columns) if tty else 100
+        sinks.append(TableSink(sys.stdout, color=tty, width=width))
     if output:
         try:
             sinks.append(open_ndjson(output))
@@ -172,8 +175,7 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
         resolve=resolver.resolve,
         symbolize=source.symbolize if stacks else None,
     )
-    loop = TraceLoop(source, agg, sinks, mono_to_wall_ns=offset,
-                     keep=pid_filter(pids) if pids else None)
+    loop = TraceLoop(source, agg, sinks, keep=pid_filter(pids) if pids else None)
     now = time.monotonic_ns()
     start = {
         "event": "start",

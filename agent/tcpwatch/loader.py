@@ -16,6 +16,7 @@ import ctypes
 import os
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,21 +116,30 @@ def _kprobes_possible() -> bool:
     return bool(root) and os.path.exists(os.path.join(root, "kprobe_events"))
 
 
-def _quiet_bpf(**kwargs):
-    """BPF(...) with clang's warnings about the headers kept off the user's terminal."""
-    from bcc import BPF
-
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Keep clang's header warnings and libbcc's probe errors off the user's terminal:
+    they are expected while hooks are tried, and the outcome is reported in one line."""
     if os.environ.get("TCPWATCH_DEBUG"):
-        return BPF(**kwargs)
+        yield
+        return
+    sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        return BPF(**kwargs)
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _quiet_bpf(**kwargs):
+    from bcc import BPF
+
+    with _stderr_silenced():
+        return BPF(**kwargs)
 
 
 def _try_close_hook(kind: int) -> bool:
@@ -143,7 +153,8 @@ def _try_close_hook(kind: int) -> bool:
         b = _quiet_bpf(text=text)
         try:
             if kind == 2:
-                b.attach_kprobe(event="tcp_close", fn_name="probe")
+                with _stderr_silenced():
+                    b.attach_kprobe(event="tcp_close", fn_name="probe")
             return True
         finally:
             b.cleanup()

@@ -12,18 +12,12 @@ from typing import Callable, Protocol
 
 from tcpwatch import schema
 from tcpwatch.aggregate import Aggregator
-from tcpwatch.timefmt import rfc3339
+from tcpwatch.sinks import Sink
 
 
 class Source(Protocol):
     def poll(self, timeout_s: float) -> list[bytes]: ...
     def counters(self) -> dict[str, int]: ...
-
-
-class Sink(Protocol):
-    def write(self, record: dict) -> None: ...
-    def maybe_flush(self, now: float) -> None: ...
-    def close(self) -> None: ...
 
 
 def pid_filter(pids: Iterable[int]) -> Callable[[dict], bool]:
@@ -56,7 +50,6 @@ class TraceLoop:
         source: Source,
         aggregator: Aggregator,
         sinks: list[Sink],
-        mono_to_wall_ns: int,
         keep: Callable[[dict], bool] | None = None,
         poll_s: float = 0.1,
         clock: Callable[[], int] = time.monotonic_ns,
@@ -65,10 +58,8 @@ class TraceLoop:
         self.agg = aggregator
         self.sinks = sinks
         self.keep = keep
-        self.mono_to_wall_ns = mono_to_wall_ns
         self.poll_s = poll_s
         self.clock = clock
-        self.lost_reported = 0
         self.stopping = False
 
     def stop(self, *_args: object) -> None:
@@ -87,12 +78,7 @@ class TraceLoop:
             self.emit(feed(decode(raw)))
 
     def _check_lost(self) -> None:
-        total = self.source.counters()["lost"]
-        if total > self.lost_reported:
-            ts = rfc3339(self.clock() + self.mono_to_wall_ns)
-            count = total - self.lost_reported
-            self.emit([{"event": "lost", "ts": ts, "count": count, "total": total}])
-            self.lost_reported = total
+        self.emit(self.agg.note_lost(self.source.counters()["lost"], self.clock()))
 
     def run(self, duration_s: float | None = None) -> dict:
         """Loop until stop() or duration_s; returns the summary record (also emitted)."""
@@ -117,7 +103,6 @@ class TraceLoop:
         self.emit(self.agg.tick(now))
         self._check_lost()
         summary = self.agg.summary(now)
-        summary["lost"] = self.lost_reported
         self.emit([summary])
         return summary
 

@@ -52,6 +52,17 @@ class TcpEntry:
     inode: int
 
     @property
+    def unread(self) -> int:
+        """Unread data bytes: rx_queue without the FIN's sequence number in CLOSE_WAIT.
+
+        >>> TcpEntry(1, 4, "127.0.0.1", 8080, "127.0.0.1", 55236, 8, 0, 6, 0, 9204).unread
+        5
+        """
+        if self.state == 8 and self.rx_queue > 0:
+            return self.rx_queue - 1
+        return self.rx_queue
+
+    @property
     def key(self) -> tuple:
         """(netns, family, laddr, lport, raddr, rport), the aggregator's socket key.
 
