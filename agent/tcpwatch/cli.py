@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -43,7 +45,44 @@ class Fatal(click.ClickException):
         click.echo(f"tcpwatch: error: {self.message}", err=True)
 
 
-@click.group(context_settings=CONTEXT)
+# Commands that live in their own package, imported only when invoked (start-up stays fast
+# and a command's dependencies, e.g. rich for `top`, are not loaded for `trace`).
+LAZY_COMMANDS = {
+    "top": "tcpwatch.top.command:top",
+    "analyze": "tcpwatch.analyze.command:analyze",
+}
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+class LazyGroup(click.Group):
+    def _lazy(self, name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                return None  # not part of this build
+            raise
+        return getattr(mod, attr)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        lazy = [n for n, t in LAZY_COMMANDS.items() if _module_exists(t.split(":")[0])]
+        return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._lazy(name)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="tcpwatch")
 def app() -> None:
     """Find TCP sockets stuck in CLOSE_WAIT and the process that leaked them."""
