@@ -156,7 +156,8 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks) -> Non
         raise Fatal(str(exc)) from None
     sinks = _open_sinks(fmt, output)
     source = loader.KernelSource(
-        loader.Options(stacks=stacks, pids=tuple(pids), ports=tuple(ports), states=tuple(states))
+        loader.Options(stacks=stacks, pids=tuple(pids), ports=tuple(ports), states=tuple(states),
+                       ring_pages=_ring_pages())
     )
     stop_requested = []
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(1))
@@ -178,6 +179,15 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks) -> Non
             f"{summary['leaks']} leaks, {summary['lost']} lost",
             err=True,
         )
+
+
+def _ring_pages() -> int:
+    """Ring buffer size in pages; TCPWATCH_RING_PAGES overrides it (benchmarks force losses
+    with a tiny one). bcc wants a power of two."""
+    raw = os.environ.get("TCPWATCH_RING_PAGES", "2048")
+    if not raw.isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
+        raise Fatal(f"TCPWATCH_RING_PAGES={raw!r} must be a power of two, e.g. 1, 64, 2048")
+    return int(raw)
 
 
 def _open_sinks(fmt: str, output: str | None) -> list:
