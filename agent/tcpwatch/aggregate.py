@@ -279,6 +279,12 @@ class Aggregator:
     # --------------------------------------------------------------- tracking
 
     def _track(self, ev: dict) -> None:
+        # The /proc snapshot at start-up races with the kernel: a socket that entered
+        # CLOSE_WAIT after attach but before the snapshot is seeded *and* reported here.
+        # The kernel's report has the true entry time, so it replaces the seeded one.
+        seeded = self._bind(ev)
+        if seeded is not None:
+            self._pending.pop(seeded, None)
         tracked = _Tracked(
             ev["sk"], ev["family"], ev["laddr"], ev["lport"], ev["raddr"], ev["rport"],
             ev["netns"], ev["ts_ns"], self._event_owner(ev),

@@ -244,10 +244,15 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
         "startup_s": round(opened.startup_s, 3),
         "warnings": warnings + opened.warnings,
     }
+    # Snapshot before `start` is out: whoever waits for `start` to make a socket must not
+    # see it reported as pre-existing. Sockets caught both ways are reconciled by the
+    # aggregator (the kernel's entry time wins).
+    existing = []
+    if not states or schema.CLOSE_WAIT in states:
+        existing = _existing(agg, procnet, ports, now)
     try:
         loop.emit([start])
-        if not states or schema.CLOSE_WAIT in states:
-            loop.emit(_existing(agg, procnet, ports, now))
+        loop.emit(existing)
         for sink in sinks:
             sink.flush()
         loop.stopping = bool(stop_requested)
