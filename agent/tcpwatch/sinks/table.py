@@ -301,8 +301,9 @@ class TableSink:
             f"{_setting_secs(rec.get('leak_after_s') or 0)} in CLOSE_WAIT; times are UTC",
             f"hooks: {' '.join(on) or 'none'}" + (f"; off: {' '.join(off)}" if off else ""),
         ]
-        if rec.get("filters"):
-            lines.append(f"filters: {_describe(rec['filters'])}")
+        described = _describe(rec.get("filters") or {})
+        if described:  # say nothing rather than an empty "filters:" line
+            lines.append(f"filters: {described}")
         for line in lines:
             self._wrapped(line)
         for warning in rec.get("warnings") or []:
