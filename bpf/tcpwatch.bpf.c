@@ -6,6 +6,7 @@
 //   TW_CLOSE_HOOK    0: none, 1: fentry tcp_close, 2: kprobe tcp_close
 //   TW_HAVE_*        optional tracepoints that exist on this kernel
 //   TW_STACKS        take kernel/user stacks (--stacks)
+//   TW_PERF_BUFFER   perf buffer instead of the ring buffer (kernels before 5.8)
 //   TW_MAX_SOCKS, TW_RB_PAGES  map and ring buffer sizes
 // User input never reaches this text: filters live in maps written after load.
 //
@@ -54,6 +55,7 @@ struct tw_sock {
 	u8 owner;        // 0, TW_F_OWNER or TW_F_OWNER_LISTENER
 	u8 rst;          // RST received
 	u8 flags;        // TW_F_EOF_READ | TW_F_READ_IN_CW
+	u8 sent;         // its last transition passed the filters: its EOF event may go too
 	char comm[TW_COMM_LEN];
 };
 
@@ -86,7 +88,6 @@ struct tw_calib {
 	u8 bytes[TW_CALIB_BYTES];
 };
 
-BPF_RINGBUF_OUTPUT(events, TW_RB_PAGES);
 BPF_TABLE("lru_hash", u64, struct tw_sock, socks, TW_MAX_SOCKS);
 BPF_TABLE("lru_hash", u32, struct tw_task, tasks, 65536);
 BPF_TABLE("lru_hash", struct tw_listen_key, struct tw_owner, listeners, 65536);
@@ -115,13 +116,48 @@ static __always_inline u64 count(int slot)
 	return ++(*v);
 }
 
+// --- output: ring buffer (5.8+) or perf buffer, same event, same loss accounting ---
+#ifdef TW_PERF_BUFFER
+BPF_PERF_OUTPUT(events);
+BPF_PERCPU_ARRAY(scratch, struct tw_event, 1);
+
+static __always_inline struct tw_event *event_reserve(void)
+{
+	int zero = 0;
+
+	return scratch.lookup(&zero);
+}
+
+// Userspace asks for a wakeup every N events per CPU (wakeup_events) and drains on a timer.
+static __always_inline void event_submit(void *ctx, struct tw_event *e)
+{
+	if (events.perf_submit(ctx, e, sizeof(*e)) < 0)
+		count(TW_CNT_LOST);
+	else
+		count(TW_CNT_EVENTS);
+}
+#else
+BPF_RINGBUF_OUTPUT(events, TW_RB_PAGES);
+
+static __always_inline struct tw_event *event_reserve(void)
+{
+	struct tw_event *e = events.ringbuf_reserve(sizeof(struct tw_event));
+
+	if (!e)
+		count(TW_CNT_LOST);
+	return e;
+}
+
 // Wake userspace once per TW_WAKE_EVERY events per CPU; between wakeups it drains on
 // a timer. A wakeup per event costs ~15x the rest of this program (kernel-notes.md).
 #define TW_WAKE_EVERY 4096
-static __always_inline u64 submit_flags(void)
+static __always_inline void event_submit(void *ctx, struct tw_event *e)
 {
-	return (count(TW_CNT_EVENTS) % TW_WAKE_EVERY) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+	u64 n = count(TW_CNT_EVENTS);
+
+	events.ringbuf_submit(e, (n % TW_WAKE_EVERY) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
 }
+#endif
 
 // netns inode of a socket through the calibrated offsets; 0 while unknown.
 static __always_inline u32 sock_netns(u64 sk)
@@ -225,11 +261,9 @@ static __always_inline void emit_state(void *ctx, u64 sk, struct tw_sock *s, int
 {
 	struct tw_event *e;
 
-	e = events.ringbuf_reserve(sizeof(*e));
-	if (!e) {
-		count(TW_CNT_LOST);
+	e = event_reserve();
+	if (!e)
 		return;
-	}
 	e->ts_ns = now;
 	e->sk = sk;
 	e->prev_ns = prev_ns;
@@ -268,7 +302,7 @@ static __always_inline void emit_state(void *ctx, u64 sk, struct tw_sock *s, int
 	if (flags & TW_F_ACTOR)
 		e->ustack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
 #endif
-	events.ringbuf_submit(e, submit_flags());
+	event_submit(ctx, e);
 }
 
 static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 family, u16 sport,
@@ -346,7 +380,8 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 		}
 	}
 
-	if (cfg(TW_CFG_ENABLED) && wanted(s, old, new, sport, dport))
+	s->sent = cfg(TW_CFG_ENABLED) && wanted(s, old, new, sport, dport);
+	if (s->sent)
 		emit_state(ctx, sk, s, old, new, family, sport, dport, saddr, daddr, now, prev_ns,
 			   cw_ns, flags, outcome);
 	else
@@ -437,7 +472,7 @@ int kprobe__tcp_set_state(struct pt_regs *ctx, struct sock *sk, int state)
 
 // --- owner: process-context hooks on the socket itself ----------------------------
 
-static __always_inline void seen_in_process(u64 sk, int ret, int is_recv)
+static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_recv)
 {
 	struct tw_sock *s = socks.lookup(&sk);
 	u64 id = bpf_get_current_pid_tgid();
@@ -458,13 +493,13 @@ static __always_inline void seen_in_process(u64 sk, int ret, int is_recv)
 		return;
 	s->flags |= TW_F_EOF_READ;
 	s->fin_read_ts = bpf_ktime_get_ns();
-	if (!cfg(TW_CFG_ENABLED))
+	// Only for sockets the filters let through: userspace ignores EOF of sockets it does
+	// not track, and unwanted ones must not crowd the buffer or the lost count.
+	if (!s->sent)
 		return;
-	struct tw_event *e = events.ringbuf_reserve(sizeof(*e));
-	if (!e) {
-		count(TW_CNT_LOST);
+	struct tw_event *e = event_reserve();
+	if (!e)
 		return;
-	}
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts_ns = s->fin_read_ts;
 	e->sk = sk;
@@ -479,7 +514,7 @@ static __always_inline void seen_in_process(u64 sk, int ret, int is_recv)
 	e->fin_read_ns = s->fin_read_ts;
 	e->kstack_id = -1;
 	e->ustack_id = -1;
-	events.ringbuf_submit(e, submit_flags());
+	event_submit(ctx, e);
 }
 
 #ifdef TW_HAVE_RECV_LENGTH
@@ -490,7 +525,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 	// MSG_PEEK (2) reads nothing; it says nothing about EOF handling.
 	if (args->flags & 2)
 		return 0;
-	seen_in_process((u64)args->sk, args->ret, 1);
+	seen_in_process(args, (u64)args->sk, args->ret, 1);
 	return 0;
 }
 #endif
@@ -500,7 +535,7 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 {
 	if (args->protocol != TW_IPPROTO_TCP)
 		return 0;
-	seen_in_process((u64)args->sk, args->ret, 0);
+	seen_in_process(args, (u64)args->sk, args->ret, 0);
 	return 0;
 }
 #endif

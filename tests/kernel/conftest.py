@@ -148,8 +148,19 @@ class Tracer:
             self._stderr.close()
 
 
+@pytest.fixture(params=["ring", "perf"])
+def buffer_kind(request, monkeypatch):
+    """Run a test with the ring buffer (5.8+) and again with the perf buffer that older
+    kernels get, forced here by TCPWATCH_PERF_BUFFER=1."""
+    if request.param == "perf":
+        monkeypatch.setenv("TCPWATCH_PERF_BUFFER", "1")
+    else:
+        monkeypatch.delenv("TCPWATCH_PERF_BUFFER", raising=False)
+    return request.param
+
+
 @pytest.fixture
-def tracer():
+def tracer(buffer_kind):
     """Factory: tracer(leak_after=1, port=None, extra=(), duration=120) -> a started Tracer.
 
     Returns once the `start` record has been read (hooks attached, existing sockets reported).
@@ -162,7 +173,11 @@ def tracer():
             args += ["--port", str(port)]
         tr = Tracer(args + list(extra))
         started.append(tr)
-        tr.wait_for(lambda r: r.get("event") == "start", START_TIMEOUT_S, "start record")
+        is_start = lambda r: r.get("event") == "start"  # noqa: E731
+        start_rec = tr.wait_for(is_start, START_TIMEOUT_S, "start record")
+        # The buffer the test asked for (buffer_kind fixture) is the one tcpwatch used.
+        wanted = "perf" if os.environ.get("TCPWATCH_PERF_BUFFER") == "1" else "ring"
+        assert start_rec["hooks"]["buffer"] == wanted, start_rec["hooks"]
         return tr
 
     yield start
