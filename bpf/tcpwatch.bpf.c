@@ -472,6 +472,35 @@ int kprobe__tcp_set_state(struct pt_regs *ctx, struct sock *sk, int state)
 
 // --- owner: process-context hooks on the socket itself ----------------------------
 
+// A per-socket event (EOF read, owner learnt) for a socket the filters let through:
+// userspace ignores sockets it does not track, and unwanted ones must not crowd the
+// buffer or the lost count.
+static __always_inline void emit_sock(void *ctx, u64 sk, struct tw_sock *s, u8 kind, u64 ts)
+{
+	struct tw_event *e;
+
+	if (!s->sent)
+		return;
+	e = event_reserve();
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = ts;
+	e->sk = sk;
+	e->kind = kind;
+	e->pid = s->pid;
+	e->tid = s->tid;
+	__builtin_memcpy(e->comm, s->comm, TW_COMM_LEN);
+	e->netns = s->netns;
+	e->oldstate = s->state;
+	e->newstate = s->state;
+	e->flags = s->owner | s->flags;
+	e->fin_read_ns = s->fin_read_ts;
+	e->kstack_id = -1;
+	e->ustack_id = -1;
+	event_submit(ctx, e);
+}
+
 static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_recv)
 {
 	struct tw_sock *s = socks.lookup(&sk);
@@ -479,8 +508,13 @@ static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_r
 
 	if (!s)
 		return;
-	if (s->owner != TW_F_OWNER || s->pid != (id >> 32))
+	if (s->owner != TW_F_OWNER || s->pid != (id >> 32)) {
 		set_owner_current(s);
+		// The FIN often comes before the owner first touches the socket (accepted
+		// late, listener older than tracing): say who it is, once it is known.
+		if (s->state == TS_CLOSE_WAIT)
+			emit_sock(ctx, sk, s, TW_KIND_OWNER, bpf_ktime_get_ns());
+	}
 	if (!is_recv || ret < 0)
 		return;
 	if (ret > 0) {
@@ -493,28 +527,7 @@ static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_r
 		return;
 	s->flags |= TW_F_EOF_READ;
 	s->fin_read_ts = bpf_ktime_get_ns();
-	// Only for sockets the filters let through: userspace ignores EOF of sockets it does
-	// not track, and unwanted ones must not crowd the buffer or the lost count.
-	if (!s->sent)
-		return;
-	struct tw_event *e = event_reserve();
-	if (!e)
-		return;
-	__builtin_memset(e, 0, sizeof(*e));
-	e->ts_ns = s->fin_read_ts;
-	e->sk = sk;
-	e->kind = TW_KIND_EOF;
-	e->pid = s->pid;
-	e->tid = s->tid;
-	__builtin_memcpy(e->comm, s->comm, TW_COMM_LEN);
-	e->netns = s->netns;
-	e->oldstate = s->state;
-	e->newstate = s->state;
-	e->flags = s->owner | s->flags;
-	e->fin_read_ns = s->fin_read_ts;
-	e->kstack_id = -1;
-	e->ustack_id = -1;
-	event_submit(ctx, e);
+	emit_sock(ctx, sk, s, TW_KIND_EOF, s->fin_read_ts);
 }
 
 #ifdef TW_HAVE_RECV_LENGTH

@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 from tcpwatch import schema
+from tcpwatch.classify import Causes, ended_cause, stuck_cause
 from tcpwatch.timefmt import rfc3339
 
 CLOSE_WAIT = schema.CLOSE_WAIT
@@ -85,6 +86,7 @@ class _Tracked:
     __slots__ = (
         "sk", "family", "laddr", "lport", "raddr", "rport", "netns", "since_ns",
         "owner", "holder", "eof_read", "leaked", "preexisting", "rx_queue", "inode",
+        "fin_raw",
     )
 
     def __init__(
@@ -115,6 +117,7 @@ class _Tracked:
         self.preexisting = preexisting
         self.rx_queue: int | None = None  # last known, from /proc (seed) for pre-existing ones
         self.inode: int | None = None
+        self.fin_raw: int | None = None  # /proc's raw rx_queue (FIN included), for the cause
 
     def key(self) -> tuple:
         """The resolver's key: (netns, family, laddr, lport, raddr, rport)."""
@@ -177,6 +180,9 @@ class Aggregator:
     Counters (ints): events (all fed), transitions (`state` records), close_waits
     (`close_wait` records: sockets that left CLOSE_WAIT), leaks (`leak` records), lost (the
     last total passed to note_lost()).
+
+    With `causes` (classify.Causes: which signals the kernel offers), `leak` and `close_wait`
+    records end with a `cause` field (docs/ndjson.md); without it they are as before.
     """
 
     def __init__(
@@ -187,10 +193,11 @@ class Aggregator:
         symbolize: Symbolize | None = None,
         *,
         start_mono_ns: int | None = None,
+        causes: Causes | None = None,
     ) -> None:
         c = schema.layout().consts
         self._KIND_STATE = c["TW_KIND_STATE"]
-        self._KIND_EOF = c["TW_KIND_EOF"]
+        self._KIND_SOCK = (c["TW_KIND_EOF"], c["TW_KIND_OWNER"])
         self._F_OWNER = c["TW_F_OWNER"]
         self._F_OWNER_LISTENER = c["TW_F_OWNER_LISTENER"]
         self._F_PREV_UNKNOWN = c["TW_F_PREV_UNKNOWN"]
@@ -202,6 +209,7 @@ class Aggregator:
         self.mono_to_wall_ns = mono_to_wall_ns
         self._resolve = resolve
         self._symbolize = symbolize
+        self.causes = causes
         # elapsed_s is measured from here; unless given, the first time the aggregator sees.
         self._start_ns = start_mono_ns
 
@@ -225,7 +233,7 @@ class Aggregator:
         """One decoded kernel event (schema.decode output) -> the records it causes.
 
         A state event gives a `state` record, plus a `close_wait` record when it leaves
-        CLOSE_WAIT; an EOF event gives none (it marks the socket eof_read).
+        CLOSE_WAIT; EOF and owner events give none (they update the tracked socket).
         """
         self.events += 1
         if self._start_ns is None:
@@ -234,9 +242,9 @@ class Aggregator:
         if kind == self._KIND_STATE:
             self.transitions += 1
             return self._on_state(ev)
-        if kind == self._KIND_EOF:
-            self._on_eof(ev)
-        return []  # EOF, or a kind from a newer kernel side: nothing to say
+        if kind in self._KIND_SOCK:
+            self._on_sock_event(ev)
+        return []  # EOF/owner news, or a kind from a newer kernel side: nothing to say
 
     def _on_state(self, ev: dict) -> list[dict]:
         out = [self._state_record(ev)]
@@ -258,11 +266,13 @@ class Aggregator:
             self._track(ev)
         return out
 
-    def _on_eof(self, ev: dict) -> None:
+    def _on_sock_event(self, ev: dict) -> None:
+        """EOF read, or the owner learnt after the FIN: news about a socket, no record."""
         tracked = self._by_sk.get(ev["sk"]) or self._bind(ev)
         if tracked is None:
             return  # not in CLOSE_WAIT as far as we know: nothing to mark
-        tracked.eof_read = True
+        if ev["flags"] & self._F_EOF_READ:
+            tracked.eof_read = True
         owner = self._event_owner(ev)
         if owner is not None:
             tracked.owner = owner
@@ -437,6 +447,10 @@ class Aggregator:
         rec["eof_read"] = bool(flags & self._F_EOF_READ) or (t is not None and t.eof_read)
         rec["leaked"] = t is not None and t.leaked
         rec["preexisting"] = t.preexisting if t is not None else cw_unknown
+        if self.causes is not None:
+            rec["cause"] = ended_cause(
+                rec["outcome"], duration, rec["leaked"], self.causes.slow_close_s
+            )
         return rec
 
     def _closing_owner(self, ev: dict, t: _Tracked | None) -> Who:
@@ -489,7 +503,7 @@ class Aggregator:
         entry, holders = hit if hit is not None else (None, [])
         if entry is not None:
             t.netns = t.netns or entry.netns
-            t.rx_queue, t.inode = entry.unread, entry.inode
+            t.rx_queue, t.inode, t.fin_raw = entry.unread, entry.inode, entry.rx_queue
         if holders:
             t.holder = (holders[0].pid, holders[0].comm)
             who: Who = (holders[0].pid, None, holders[0].comm)
@@ -509,7 +523,17 @@ class Aggregator:
         rec["inode"] = t.inode
         rec["eof_read"] = t.eof_read
         rec["preexisting"] = t.preexisting
+        if self.causes is not None:
+            rec["cause"] = self.stuck_cause(t, [h.pid for h in holders] if entry else None)
         return rec
+
+    def stuck_cause(self, t: _Tracked, holders: list[int] | None) -> str:
+        """classify.stuck_cause() from what is known of a tracked socket and its holders."""
+        owner = (t.owner.pid, t.owner.how) if t.owner is not None else None
+        return stuck_cause(
+            inode=t.inode, rx_queue=t.fin_raw, holders=holders, owner=owner,
+            eof_read=t.eof_read, recv_eof=bool(self.causes and self.causes.recv_eof),
+        )
 
     # ------------------------------------------------------------ pre-existing
 
@@ -542,7 +566,7 @@ class Aggregator:
                 None, _family(e.family), e.laddr, e.lport, e.raddr, e.rport, e.netns,
                 now_mono_ns, preexisting=True,
             )
-            t.rx_queue, t.inode = e.unread, e.inode
+            t.rx_queue, t.inode, t.fin_raw = e.unread, e.inode, e.rx_queue
             # inode 0: still in the accept queue, nobody can hold it yet.
             held = holders.get(e.inode, []) if e.inode else []
             if held:

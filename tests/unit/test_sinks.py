@@ -38,6 +38,7 @@ from streams import (
 
 import tcpwatch.sinks
 from tcpwatch.aggregate import Aggregator
+from tcpwatch.classify import Causes
 from tcpwatch.sinks import ndjson, table
 from tcpwatch.sinks.ndjson import NdjsonSink, open_ndjson
 from tcpwatch.sinks.table import TableSink
@@ -130,7 +131,7 @@ def golden_records() -> list[dict]:
         (V6_LOCAL, 443, V6_OTHER, 52000): (Found(518, 0), []),
     })
     agg = Aggregator(30.0, WALL_OFFSET_NS, resolver.resolve, symbolize=fake_symbolize,
-                     start_mono_ns=T0)
+                     start_mono_ns=T0, causes=Causes(recv_eof=True))
     out = [START, *agg.seed_existing(EXISTING, EXISTING_HOLDERS, T0)]
     second = 1
     for ev in golden_events():

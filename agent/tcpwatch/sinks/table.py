@@ -267,7 +267,8 @@ class TableSink:
         self._row(rec, _dur(rec.get("duration_s")), [clean(f"{old}>{new}")])
 
     def _close_wait(self, rec: dict) -> None:
-        parts: list = [f"CW {clean(rec['outcome'])}"]
+        # The cause (e.g. slow_close) says more than the bare outcome when it is known.
+        parts: list = [f"CW {clean(rec.get('cause') or rec['outcome'])}"]
         closer = rec.get("closer_pid")
         if closer is not None and closer != rec.get("pid"):
             # A different closer: typically a forked child that held the last descriptor.
@@ -342,10 +343,13 @@ def _dur(seconds: float | None) -> str:
 def _socket_notes(rec: dict) -> list[str]:
     """What a LEAK or EXISTING line adds, most telling first."""
     notes = []
-    if rec.get("inode") == 0:
-        notes.append("unaccepted")  # still in the listener's accept queue: backlog too large
-    if rec.get("eof_read"):
-        notes.append("eof-read")  # the program saw EOF and still did not close: forgotten close
+    if rec.get("cause"):
+        notes.append(clean(rec["cause"]))  # classify.py's verdict, e.g. eof_ignored
+    else:
+        if rec.get("inode") == 0:
+            notes.append("unaccepted")  # in the listener's accept queue: backlog too large
+        if rec.get("eof_read"):
+            notes.append("eof-read")  # the program saw EOF and still did not close
     if rec.get("rx_queue"):
         notes.append(f"rx={rec['rx_queue']}")  # unread bytes
     holders = rec.get("holders") or []

@@ -1,0 +1,352 @@
+"""Where top's data comes from: the kernel programs (root) or /proc snapshots (no root).
+
+Collecting and drawing are kept apart: a collector is pumped by the loop (`pump`) and asked
+for a `model.Sample` when a frame is due (`sample`). Neither imports rich.
+
+- KernelCollector: loader.KernelSource with only CLOSE_WAIT transitions sent
+  (Options(states=(CLOSE_WAIT,))), fed through aggregate.Aggregator like `trace`; the sockets
+  in CLOSE_WAIT come from Aggregator.in_close_wait(), their /proc details (inode, rx_queue,
+  holders) and the host-wide figures from one procnet snapshot per frame (~10-40 ms).
+- SnapshotCollector: /proc only, for users without root: ages from first sight, owners only
+  for processes whose descriptors the user may read, causes only from /proc signals.
+
+>>> col = SnapshotCollector(window_s=5.0)          # doctest: +SKIP
+>>> col.pump(1.0); sample = col.sample()            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from tcpwatch import procnet, schema
+from tcpwatch.classify import Causes, stuck_cause
+from tcpwatch.procnet import TcpEntry, canonical
+from tcpwatch.timefmt import rfc3339
+from tcpwatch.top import hostinfo
+from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample
+
+CLOSE_WAIT = schema.CLOSE_WAIT
+Snapshot = Callable[[], list]  # procnet.snapshot()
+HoldersOf = Callable[[Iterable[int]], dict]  # procnet.holders_of()
+
+
+def _tuple4(laddr: str, lport: int, raddr: str, rport: int) -> tuple:
+    return (canonical(laddr), lport, canonical(raddr), rport)
+
+
+def listener_inodes(entries: Iterable[TcpEntry]) -> dict[tuple[int, int, str], int]:
+    """(netns, port, local address) -> inode of each LISTEN socket; "*" for a wildcard bind.
+
+    A socket still in the accept queue (inode 0) has no holder of its own: the process
+    holding its listener is the one that has not accepted it.
+    """
+    out = {}
+    for e in entries:
+        if e.state == hostinfo.LISTEN and e.inode:
+            wild = canonical(e.laddr) in ("0.0.0.0", "::")
+            out[(e.netns, e.lport, "*" if wild else canonical(e.laddr))] = e.inode
+    return out
+
+
+def listener_of(e: TcpEntry, listeners: dict[tuple[int, int, str], int]) -> int:
+    """The inode of the listener an accept-queue socket waits on, 0 if not found."""
+    return (listeners.get((e.netns, e.lport, canonical(e.laddr)))
+            or listeners.get((e.netns, e.lport, "*")) or 0)
+
+
+class _HostView:
+    """The parts both collectors share: host figures from a snapshot, first-sight times."""
+
+    def __init__(self, window_s: float, ports: tuple[int, ...], snapshot: Snapshot,
+                 holders_of: HoldersOf, clock: Callable[[], int]) -> None:
+        self.window_s = window_s
+        self.ports = set(ports)
+        # Looked up at call time (not bound as defaults) so tests can replace procnet's.
+        self._snapshot = snapshot or (lambda: procnet.snapshot())
+        self._holders_of = holders_of or (lambda inodes: procnet.holders_of(inodes))
+        self.clock = clock
+        self.first_seen: dict[tuple, float] = {}  # TcpEntry.key -> monotonic seconds
+        self.started_s: float | None = None  # the first sample: nothing was watched before
+        self.hostname = socket.gethostname()
+
+    def wanted(self, lport: int, rport: int) -> bool:
+        return not self.ports or lport in self.ports or rport in self.ports
+
+    def read(self) -> tuple[list[TcpEntry], float]:
+        entries = self._snapshot()
+        now_s = self.clock() / 1e9
+        seen = {}
+        for e in entries:
+            if e.state in (CLOSE_WAIT, hostinfo.FIN_WAIT2):
+                seen[e.key] = self.first_seen.get(e.key, now_s)
+        self.first_seen = seen  # forget sockets that are gone
+        if self.started_s is None:
+            self.started_s = now_s
+        return entries, now_s
+
+    def span(self, now_s: float) -> float:
+        """The window actually covered: `window_s`, or less while top has run for less.
+        (`--once` collects for one interval: its window is exactly that collection.)"""
+        return min(self.window_s, now_s - (self.started_s or now_s))
+
+    def host(self, entries: list[TcpEntry], now_s: float, **extra: Any) -> Host:
+        port_range = hostinfo.read_port_range()
+        return Host(
+            hostname=self.hostname,
+            states=hostinfo.state_counts(entries),
+            ephemeral_used=hostinfo.ephemeral_in_use(entries, port_range),
+            port_range=port_range,
+            fin_wait2=hostinfo.fin_wait2_by_peer(entries, self.first_seen, now_s),
+            port_risk=hostinfo.port_risk(entries, port_range, hostinfo.read_reserved_ports()),
+            **extra,
+        )
+
+    def cw_sock(self, e: TcpEntry, holders: dict, now_s: float, listeners: dict,
+                **kw: Any) -> CwSock:
+        """A CLOSE_WAIT socket known only from /proc (first-sight age, /proc-only cause)."""
+        held = holders.get(e.inode, []) if e.inode else []
+        pid, comm = (held[0].pid, held[0].comm) if held else (None, None)
+        if not e.inode:  # in the accept queue: charged to the process holding the listener
+            lheld = holders.get(listener_of(e, listeners), [])
+            pid, comm = (lheld[0].pid, lheld[0].comm) if lheld else (None, None)
+        age = now_s - self.first_seen.get(e.key, now_s)
+        cause = stuck_cause(inode=e.inode, rx_queue=e.rx_queue, holders=[h.pid for h in held],
+                            owner=None, eof_read=False)
+        return CwSock(pid, comm, hostinfo.cgroup_of(pid), e.lport, e.raddr, e.rport,
+                      round(age, 3), e.unread, cause, kw.get("leaked", False))
+
+
+class SnapshotCollector:
+    """/proc/net/tcp{,6} (every namespace the user can read) every frame; no kernel programs.
+
+    Sockets that appear in CLOSE_WAIT between two snapshots count as entries; those that
+    disappear count as exits with an unknown duration and cause (only the kernel can tell).
+    """
+
+    mode = "snapshot"
+
+    def __init__(self, window_s: float = 10.0, ports: tuple[int, ...] = (),
+                 leak_after_s: float = 30.0, warnings: Iterable[str] = (), *,
+                 snapshot: Snapshot | None = None, holders_of: HoldersOf | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.view = _HostView(window_s, ports, snapshot, holders_of, clock)
+        self.leak_after_s = leak_after_s
+        self.warnings = list(warnings)
+        self._previous: dict[tuple, tuple[TcpEntry, CwSock]] | None = None
+        self._entered: deque[tuple[float, Entered]] = deque()
+        self._ended: deque[tuple[float, Ended]] = deque()
+
+    def pump(self, timeout_s: float, wake_fd: int | None = None) -> None:
+        """Nothing to drain: wait up to timeout_s (returning early if wake_fd is readable)."""
+        if wake_fd is None:
+            time.sleep(timeout_s)
+        else:
+            select.select([wake_fd], [], [], timeout_s)
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def sample(self) -> Sample:
+        v = self.view
+        entries, now_s = v.read()
+        cw = [e for e in entries if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
+        listeners = listener_inodes(entries)
+        inodes = {e.inode or listener_of(e, listeners) for e in cw}
+        holders = v._holders_of(inodes - {0})
+        current = {}
+        for e in cw:
+            s = v.cw_sock(e, holders, now_s, listeners)
+            current[e.key] = (e, replace(s, leaked=s.age_s >= self.leak_after_s))
+        if self._previous is not None:
+            for key, (_, s) in current.items():
+                if key not in self._previous:
+                    self._entered.append((now_s, _entered(s)))
+            for key, (_, s) in self._previous.items():
+                if key not in current:
+                    self._ended.append((now_s, Ended(s.pid, s.comm, s.cgroup, s.lport, s.raddr,
+                                                     s.rport, None, "unknown")))
+        self._previous = current
+        span = v.span(now_s)
+        _prune(self._entered, now_s - span)
+        _prune(self._ended, now_s - span)
+        host = v.host(entries, now_s, hooks=["/proc/net/tcp{,6} snapshots"],
+                      signals=["accept queue (/proc inode)", "FIN consumed (/proc rx_queue)",
+                               "holders (/proc/*/fd, own processes only)"],
+                      warnings=self.warnings)
+        return Sample(self.mode, span, host, [s for _, s in current.values()],
+                      [e for _, e in self._entered], [e for _, e in self._ended],
+                      rfc3339(time.time_ns()))
+
+    def close(self) -> None:
+        pass
+
+
+def _entered(s: CwSock) -> Entered:
+    return Entered(s.pid, s.comm, s.cgroup, s.lport, s.raddr, s.rport)
+
+
+def _prune(window: deque, limit_s: float) -> None:
+    while window and window[0][0] < limit_s:
+        window.popleft()
+
+
+class KernelCollector:
+    """Live CLOSE_WAIT entries and exits from the kernel, through the trace aggregator.
+
+    `source` is an opened loader.KernelSource (or anything with poll()/counters());
+    `hooks` the Opened.hooks it reported. Call seed() once before the first pump().
+    """
+
+    mode = "kernel"
+
+    def __init__(self, source: Any, hooks: dict, window_s: float = 10.0,
+                 ports: tuple[int, ...] = (), leak_after_s: float = 30.0,
+                 slow_close_s: float | None = None, warnings: Iterable[str] = (), *,
+                 mono_to_wall_ns: int = 0, snapshot: Snapshot | None = None,
+                 holders_of: HoldersOf | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        from tcpwatch.aggregate import Aggregator
+
+        self.source = source
+        self.view = _HostView(window_s, ports, snapshot, holders_of, clock)
+        self.causes = (Causes.from_hooks(hooks) if slow_close_s is None
+                       else Causes.from_hooks(hooks, slow_close_s))
+        self.hooks = [f"{k}: {v}" for k, v in hooks.items() if v]
+        self.warnings = list(warnings)
+        self.agg = Aggregator(leak_after_s, mono_to_wall_ns, resolve=None, causes=self.causes,
+                              start_mono_ns=clock())
+        # sk -> (pid, comm) of the socket's group at its last sighting, so an exit is counted
+        # under the process that held it, not only the owner the kernel last saw.
+        self._who: dict[int, tuple[int | None, str | None]] = {}
+        self._entered: deque[tuple[float, int, Entered]] = deque()
+        self._ended: deque[tuple[float, int, Ended]] = deque()
+        self._last_events = (0, clock())
+
+    def seed(self) -> None:
+        """Track the sockets already in CLOSE_WAIT (ages from now, flagged pre-existing)."""
+        v = self.view
+        entries = [e for e in v._snapshot()
+                   if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
+        holders = v._holders_of({e.inode for e in entries if e.inode})
+        self.agg.seed_existing(entries, holders, v.clock())
+
+    def pump(self, timeout_s: float, wake_fd: int | None = None) -> None:
+        """Drain what the kernel sent (waiting up to timeout_s) into the aggregator."""
+        decode, feed = schema.decode, self.agg.feed
+        for raw in self.source.poll(timeout_s):
+            ev = decode(raw)
+            for rec in feed(ev):
+                if rec["event"] == "state":
+                    if ev["new"] == CLOSE_WAIT:
+                        self._on_entry(ev, rec)
+                elif rec["event"] == "close_wait":
+                    self._on_exit(ev, rec)
+
+    def _on_entry(self, ev: dict, rec: dict) -> None:
+        if not self.view.wanted(ev["lport"], ev["rport"]):
+            return
+        pid, comm = rec["pid"], rec["comm"]
+        self._entered.append((ev["ts_ns"] / 1e9, ev["sk"], Entered(
+            pid, comm, "", ev["lport"], ev["raddr"], ev["rport"])))
+
+    def _on_exit(self, ev: dict, rec: dict) -> None:
+        if not self.view.wanted(ev["lport"], ev["rport"]):
+            return
+        pid, comm = self._who.pop(ev["sk"], (rec["pid"], rec["comm"]))
+        self._ended.append((ev["ts_ns"] / 1e9, ev["sk"], Ended(
+            pid, comm, hostinfo.cgroup_of(pid), ev["lport"], ev["raddr"], ev["rport"],
+            rec["duration_s"], rec["cause"])))
+
+    def counters(self) -> dict[str, int]:
+        return self.source.counters()
+
+    def sample(self) -> Sample:
+        v = self.view
+        now_ns = v.clock()
+        self.agg.tick(now_ns)
+        entries, now_s = v.read()
+        procs = {}
+        for e in entries:
+            if e.state == CLOSE_WAIT:
+                procs.setdefault(_tuple4(e.laddr, e.lport, e.raddr, e.rport), []).append(e)
+        tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
+        matched = {}
+        for s in tracked:
+            fam, la, lp, ra, rp = s.tuple
+            cands = [e for e in procs.get(_tuple4(la, lp, ra, rp), ())
+                     if not s.netns or s.netns == e.netns]
+            matched[id(s)] = cands[0] if cands else None
+        used = {id(e) for e in matched.values() if e is not None}
+        # In CLOSE_WAIT per /proc but not tracked: its entry event is not drained yet, or was
+        # lost. Shown anyway (first-sight age, /proc-only cause) so counts agree with `ss`.
+        untracked = [e for es in procs.values() for e in es
+                     if id(e) not in used and v.wanted(e.lport, e.rport)]
+        listeners = listener_inodes(entries)
+        inodes = {e.inode or listener_of(e, listeners)
+                  for e in [*matched.values(), *untracked] if e is not None}
+        holders = v._holders_of(inodes - {0})
+
+        sockets = []
+        who = {}
+        for s in tracked:
+            e = matched[id(s)]
+            held = holders.get(e.inode, []) if e is not None and e.inode else []
+            owner = (s.owner.pid, s.owner.comm, s.owner.how) if s.owner else None
+            eof_read = s.eof_read
+            cause = stuck_cause(
+                inode=e.inode if e else None, rx_queue=e.rx_queue if e else None,
+                holders=[h.pid for h in held] if e else None,
+                owner=(owner[0], owner[2]) if owner else None,
+                eof_read=eof_read, recv_eof=self.causes.recv_eof,
+            )
+            if e is not None and not e.inode:  # accept queue: the listener's holder
+                held = holders.get(listener_of(e, listeners), [])
+            if held:
+                pid, comm = held[0].pid, held[0].comm
+            elif owner is not None:
+                pid, comm = owner[0], owner[1]
+            else:
+                pid, comm = None, None
+            if s.sk is not None:
+                who[s.sk] = (pid, comm)
+            age = (now_ns - s.since_ns) / 1e9
+            sockets.append(CwSock(pid, comm, hostinfo.cgroup_of(pid), s.tuple[2], s.tuple[3],
+                                  s.tuple[4], round(age, 3), e.unread if e else None, cause,
+                                  age >= self.agg.leak_after_ns / 1e9))
+        for e in untracked:
+            sockets.append(v.cw_sock(e, holders, now_s, listeners))
+        self._who = who
+
+        span = v.span(now_s)
+        _prune(self._entered, now_s - span)
+        _prune(self._ended, now_s - span)
+        gone = {sk: (e.pid, e.comm) for _, sk, e in self._ended}
+        entered = []
+        for _, sk, e in self._entered:
+            pid, comm = who.get(sk) or gone.get(sk) or (e.pid, e.comm)
+            entered.append(Entered(pid, comm, hostinfo.cgroup_of(pid), e.lport, e.raddr,
+                                   e.rport))
+        events, then = self._last_events
+        dt = (now_ns - then) / 1e9
+        rate = (self.agg.events - events) / dt if dt > 0 else 0.0
+        self._last_events = (self.agg.events, now_ns)
+        lost = self.counters().get("lost", 0)
+        self.agg.note_lost(lost, now_ns)
+        host = v.host(entries, now_s, events_per_s=round(rate, 1), lost=lost, hooks=self.hooks,
+                      signals=self.causes.signals(), warnings=self.warnings)
+        return Sample(self.mode, span, host, sockets, entered,
+                      [e for _, _, e in self._ended], rfc3339(time.time_ns()))
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

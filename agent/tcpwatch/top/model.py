@@ -1,0 +1,250 @@
+"""top's data model: sockets in CLOSE_WAIT and the window's entries/exits in, grouped rows out.
+
+Fed by a collector (collect.py) with a `Sample`: what is in CLOSE_WAIT now (`CwSock`, from the
+aggregator's tracked sockets or /proc snapshots), which sockets entered and left CLOSE_WAIT
+during the window (`Entered`, `Ended`), and host-wide figures (`Host`). It never sees
+individual transitions, so the kernel side is free to send top only CLOSE_WAIT entries and
+exits and to keep other counters in maps. Pure: no I/O, no clock.
+
+>>> s = Sample("kernel", window_s=10.0, host=Host(),
+...            sockets=[CwSock(812, "server", "/", 8080, "10.0.0.2", 51234, 40.0, 5,
+...                            "not_reading", True)],
+...            entered=[Entered(812, "server", "/", 8080, "10.0.0.2", 51234)],
+...            ended=[Ended(812, "server", "/", 8080, "10.0.0.2", 51200, 0.002, "closed")])
+>>> r = build_rows(s, by="process")[0]
+>>> (r.group, r.close_wait, r.oldest_age_s, r.leaks, r.new_per_s, r.cause, r.p99_s)
+('server[812]', 1, 40.0, 1, 0.1, 'not_reading', 40.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tcpwatch.classify import dominant
+from tcpwatch.top.hostinfo import PeerWait, PortRisk, endpoint
+
+GROUPINGS = ("process", "remote", "port", "cgroup")
+SORTS = ("count", "age", "leaks", "rate", "p99", "unread")
+
+
+@dataclass(frozen=True)
+class CwSock:
+    """A socket in CLOSE_WAIT now. pid/comm: the first holder, else the kernel's owner (None if
+    neither is known); age_s from entry into CLOSE_WAIT (or from first sight); unread bytes
+    from /proc (None if not found)."""
+
+    pid: int | None
+    comm: str | None
+    cgroup: str
+    lport: int
+    raddr: str
+    rport: int
+    age_s: float
+    unread: int | None
+    cause: str
+    leaked: bool
+
+
+@dataclass(frozen=True)
+class Entered:
+    """A socket that entered CLOSE_WAIT during the window, attributed as well as known."""
+
+    pid: int | None
+    comm: str | None
+    cgroup: str
+    lport: int
+    raddr: str
+    rport: int
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A socket that left CLOSE_WAIT during the window: how long it stayed and why it left."""
+
+    pid: int | None
+    comm: str | None
+    cgroup: str
+    lport: int
+    raddr: str
+    rport: int
+    duration_s: float | None
+    cause: str
+
+
+@dataclass
+class Host:
+    """Header figures. None means "not measured in this mode"."""
+
+    hostname: str = ""
+    states: dict[str, int] = field(default_factory=dict)
+    ephemeral_used: int | None = None
+    port_range: tuple[int, int] = (32768, 60999)
+    events_per_s: float | None = None
+    lost: int | None = None
+    hooks: list[str] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    fin_wait2: list[PeerWait] = field(default_factory=list)
+    port_risk: list[PortRisk] = field(default_factory=list)
+
+
+@dataclass
+class Sample:
+    """Everything one frame is drawn from. mode: 'kernel' or 'snapshot'."""
+
+    mode: str
+    window_s: float
+    host: Host
+    sockets: list[CwSock] = field(default_factory=list)
+    entered: list[Entered] = field(default_factory=list)
+    ended: list[Ended] = field(default_factory=list)
+    ts: str = ""  # wall-clock time of the sample, RFC 3339
+
+
+@dataclass
+class Row:
+    """One line of the leaderboard (also one object of the JSON `rows` list)."""
+
+    group: str
+    pid: int | None
+    comm: str | None
+    close_wait: int
+    oldest_age_s: float | None
+    leaks: int
+    new_per_s: float
+    p50_s: float | None
+    p99_s: float | None
+    unread_bytes: int
+    cause: str | None
+    causes: dict[str, int]
+    closed: int  # sockets that left CLOSE_WAIT in the window
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of values, None for no values.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 99)
+    (2.0, 4.0)
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _process(pid: int | None, comm: str | None) -> str:
+    if pid is None:
+        return "(unknown owner)"
+    return f"{comm or '?'}[{pid}]"
+
+
+def group_of(by: str, item: CwSock | Entered | Ended) -> str:
+    """The label an item is grouped under: 'server[812]', '10.0.0.2:51234', ':8080', cgroup."""
+    if by == "process":
+        return _process(item.pid, item.comm)
+    if by == "remote":
+        return endpoint(item.raddr, item.rport)
+    if by == "port":
+        return f":{item.lport}"
+    if by == "cgroup":
+        return item.cgroup
+    raise ValueError(f"unknown grouping {by!r}; one of {', '.join(GROUPINGS)}")
+
+
+def filter_sample(sample: Sample, keep: Callable[[CwSock | Entered | Ended], bool]) -> Sample:
+    """The sample with only the sockets `keep` accepts (host figures untouched)."""
+    return Sample(
+        sample.mode, sample.window_s, sample.host,
+        [s for s in sample.sockets if keep(s)],
+        [e for e in sample.entered if keep(e)],
+        [e for e in sample.ended if keep(e)],
+        sample.ts,
+    )
+
+
+def keep_only(pids: Iterable[int] = (), ports: Iterable[int] = ()) -> Callable[..., bool]:
+    """A `keep` for filter_sample: sockets of these pids and/or with these local/remote ports.
+
+    >>> keep_only(ports=[8080])(Entered(1, "a", "/", 8080, "10.0.0.2", 4000))
+    True
+    """
+    pid_set, port_set = set(pids), set(ports)
+
+    def keep(item: CwSock | Entered | Ended) -> bool:
+        if pid_set and item.pid not in pid_set:
+            return False
+        return not port_set or item.lport in port_set or item.rport in port_set
+
+    return keep
+
+
+def _sort_key(sort: str) -> Callable[[Row], tuple]:
+    primary: dict[str, Callable[[Row], float]] = {
+        "count": lambda r: r.close_wait,
+        "age": lambda r: r.oldest_age_s or 0.0,
+        "leaks": lambda r: r.leaks,
+        "rate": lambda r: r.new_per_s,
+        "p99": lambda r: r.p99_s or 0.0,
+        "unread": lambda r: r.unread_bytes,
+    }
+    if sort not in primary:
+        raise ValueError(f"unknown sort {sort!r}; one of {', '.join(SORTS)}")
+    first = primary[sort]
+    # Ties: more sockets, then older, then by name, so the order is stable between frames.
+    return lambda r: (-first(r), -r.close_wait, -(r.oldest_age_s or 0.0), r.group)
+
+
+def build_rows(sample: Sample, by: str = "process", sort: str = "count") -> list[Row]:
+    """Group the sample's sockets by `by` and sort the groups by `sort`, biggest first."""
+    stuck: dict[str, list[CwSock]] = {}
+    for s in sample.sockets:
+        stuck.setdefault(group_of(by, s), []).append(s)
+    ended: dict[str, list[Ended]] = {}
+    for e in sample.ended:
+        ended.setdefault(group_of(by, e), []).append(e)
+    entered: dict[str, int] = {}
+    for e in sample.entered:
+        g = group_of(by, e)
+        entered[g] = entered.get(g, 0) + 1
+
+    rows = []
+    for g in sorted({*stuck, *ended, *entered}):
+        socks, gone = stuck.get(g, []), ended.get(g, [])
+        # Durations: finished stays, plus the ages so far of sockets still waiting (a lower
+        # bound): otherwise a group whose sockets never leave would have no percentile at all.
+        durations = [e.duration_s for e in gone if e.duration_s is not None]
+        durations += [s.age_s for s in socks]
+        causes: dict[str, int] = {}
+        for c in [s.cause for s in socks] or [e.cause for e in gone]:
+            causes[c] = causes.get(c, 0) + 1
+        pid, comm = _main_process([*socks, *gone])
+        rows.append(Row(
+            group=g, pid=pid, comm=comm, close_wait=len(socks),
+            oldest_age_s=round(max(s.age_s for s in socks), 3) if socks else None,
+            leaks=sum(s.leaked for s in socks),
+            new_per_s=round(entered.get(g, 0) / sample.window_s, 3) if sample.window_s else 0.0,
+            p50_s=_r(percentile(durations, 50)), p99_s=_r(percentile(durations, 99)),
+            unread_bytes=sum(s.unread or 0 for s in socks),
+            cause=dominant(s.cause for s in socks) or dominant(e.cause for e in gone),
+            causes=dict(sorted(causes.items())), closed=len(gone),
+        ))
+    rows.sort(key=_sort_key(sort))
+    return rows
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+def _main_process(items: list) -> tuple[int | None, str | None]:
+    """(pid, comm) holding most of a group's sockets: the group's own for `process`."""
+    counts: dict[tuple, int] = {}
+    for it in items:
+        if it.pid is not None:
+            counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + 1
+    if not counts:
+        return None, None
+    return min(counts, key=lambda k: (-counts[k], k[0]))

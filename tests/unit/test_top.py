@@ -1,0 +1,326 @@
+"""`tcpwatch top` without a kernel: grouping, sorting, percentiles, the collectors on fake
+sources, and the rendered frame against golden text at fixed terminal sizes.
+
+Regenerate the golden files after an intended change of the view with
+
+    TCPWATCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_top.py
+
+and read `git diff tests/unit/golden/` before committing.
+"""
+
+from __future__ import annotations
+
+import doctest
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from streams import NETNS, SEC, Entry, Holder, Proc, at, life, merge, step
+
+from tcpwatch import schema
+from tcpwatch.top import collect, command, hostinfo, model, view
+from tcpwatch.top.hostinfo import PeerWait, PortRisk
+from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, build_rows
+
+GOLDEN = Path(__file__).parent / "golden"
+REGEN = os.environ.get("TCPWATCH_REGEN_GOLDEN") == "1"
+
+
+def sock(pid, comm, age, cause, lport=8080, raddr="10.0.0.2", rport=50000, unread=0,
+         cgroup="/system.slice/api.service", leak_after=30.0):
+    return CwSock(pid, comm, cgroup, lport, raddr, rport, age, unread, cause, age >= leak_after)
+
+
+def sample() -> Sample:
+    """Three leaking programs, one with an unknown owner, churn and exits in the window."""
+    socks = (
+        [sock(2411, "api", 120.0 + i, "eof_ignored", rport=50000 + i, unread=0) for i in range(7)]
+        + [sock(2411, "api", 3.0, "not_reading", rport=50100, unread=512)]
+        + [sock(3100, "gunicorn-worker", 45.5, "held_elsewhere", lport=9000,
+                raddr="10.0.0.3", rport=41000 + i, cgroup="container:abcdef012345")
+           for i in range(3)]
+        + [sock(None, None, 2.0, "not_accepted", lport=443, raddr="2001:db8::7", rport=61000,
+                unread=4096, cgroup="?")]
+    )
+    entered = [Entered(2411, "api", "/system.slice/api.service", 8080, "10.0.0.2", 50200 + i)
+               for i in range(25)]
+    ended = [Ended(2411, "api", "/system.slice/api.service", 8080, "10.0.0.2", 50200 + i,
+                   0.002 * (i + 1), "closed") for i in range(20)]
+    ended += [Ended(2411, "api", "/system.slice/api.service", 8080, "10.0.0.2", 50300, 2.5,
+                    "slow_close")]
+    ended += [Ended(777, "nginx", "/system.slice/nginx.service", 80, "10.0.0.9", 40000, 0.01,
+                    "reset")]
+    host = Host(
+        hostname="web-1",
+        states={"ESTABLISHED": 1204, "FIN_WAIT2": 4, "TIME_WAIT": 23881, "CLOSE_WAIT": 12,
+                "LISTEN": 9},
+        ephemeral_used=24100, port_range=(32768, 60999), events_per_s=35.5, lost=3,
+        hooks=["state: tracepoint:sock:inet_sock_set_state", "owner: sock:sock_recv_length",
+               "outcome: syscalls:sys_enter_close", "netns: struct net+176 (checked)"],
+        signals=["accept queue (/proc inode)", "holders (/proc/*/fd)",
+                 "FIN consumed (/proc rx_queue)", "EOF read (sock:sock_recv_length)"],
+        fin_wait2=[PeerWait("10.0.0.50:8443", 4, 61.0)],
+        port_risk=[PortRisk("10.0.0.1", "10.0.0.60:5432", 23900, 28232),
+                   PortRisk("10.0.0.1", "10.0.0.61:6379", 120, 28232)],
+    )
+    return Sample("kernel", 10.0, host, socks, entered, ended, "2026-11-21T05:13:00.000000Z")
+
+
+def check_golden(name: str, actual: str) -> None:
+    path = GOLDEN / name
+    if REGEN:
+        path.write_text(actual)
+    assert actual == (path.read_text() if path.exists() else ""), (
+        f"{path} differs; if intended: TCPWATCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest "
+        f"{Path(__file__).name} and review the diff")
+
+
+# -------------------------------------------------------------------------------- model
+
+
+def test_rows_by_process_sorted_by_count():
+    rows = build_rows(sample(), "process", "count")
+    assert [r.group for r in rows] == ["api[2411]", "gunicorn-worker[3100]",
+                                       "(unknown owner)", "nginx[777]"]
+    api = rows[0]
+    assert (api.pid, api.comm, api.close_wait, api.leaks, api.oldest_age_s) == (
+        2411, "api", 8, 7, 126.0)
+    assert api.new_per_s == 2.5 and api.closed == 21
+    assert api.cause == "eof_ignored" and api.causes == {"eof_ignored": 7, "not_reading": 1}
+    assert api.unread_bytes == 512
+    # p50/p99 over the 21 exits and the 8 sockets still waiting (29 values)
+    assert (api.p50_s, api.p99_s) == (0.03, 126.0)
+    # A group with only exits: its cause comes from them, nothing is in CLOSE_WAIT now.
+    nginx = rows[-1]
+    assert (nginx.close_wait, nginx.cause, nginx.oldest_age_s, nginx.p99_s) == (
+        0, "reset", None, 0.01)
+
+
+@pytest.mark.parametrize(
+    "by,first",
+    [("remote", "10.0.0.2:50006"), ("port", ":8080"), ("cgroup", "/system.slice/api.service")],
+)
+def test_other_groupings(by, first):
+    rows = build_rows(sample(), by, "count")
+    assert rows[0].group == first
+    if by == "remote":
+        assert "[2001:db8::7]:61000" in [r.group for r in rows]
+
+
+@pytest.mark.parametrize("sort,first", [("age", "api[2411]"), ("rate", "api[2411]"),
+                                        ("unread", "(unknown owner)"), ("leaks", "api[2411]"),
+                                        ("p99", "api[2411]")])
+def test_sorts(sort, first):
+    assert build_rows(sample(), "process", sort)[0].group == first
+
+
+def test_filters():
+    s = model.filter_sample(sample(), model.keep_only(ports=[9000]))
+    assert [r.group for r in build_rows(s)] == ["gunicorn-worker[3100]"]
+    s = model.filter_sample(sample(), model.keep_only(pids=[777]))
+    assert [r.group for r in build_rows(s)] == ["nginx[777]"]
+
+
+def test_percentile_nearest_rank():
+    assert model.percentile([5.0], 99) == 5.0
+    assert model.percentile(list(map(float, range(1, 101))), 99) == 99.0
+    assert model.percentile([], 50) is None
+
+
+# ------------------------------------------------------------------------------- view
+
+
+def frame_text(width: int, height: int | None, by="process", sort="count", keys=True) -> str:
+    s = sample()
+    out = view.render(s, build_rows(s, by, sort), by, sort, width=width, height=height,
+                      keys_help=keys)
+    return view.plain(out, width)
+
+
+@pytest.mark.parametrize("width,height", [(80, 24), (100, 30)])
+def test_live_frame_golden(width, height):
+    text = frame_text(width, height)
+    check_golden(f"top.{width}x{height}.txt", text)
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) <= height
+    assert max(len(line) for line in lines) <= width
+
+
+def test_small_terminal_cuts_rows_not_header():
+    text = frame_text(80, 12, by="remote")
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) <= 12 and "more" in text and lines[0].startswith("tcpwatch top")
+    assert lines[-1].strip() == view.KEYS_HELP
+
+
+def test_once_text_golden_has_every_row_and_the_sections():
+    text = frame_text(100, None, keys=False)
+    check_golden("top.once.txt", text)
+    assert "FIN_WAIT2 by remote" in text and "10.0.0.60:5432" in text
+    assert "10.0.0.61:6379" not in text.split("local ports per destination")[1]  # under 5%
+    assert "PORTS warn" in text and "q quit" not in text
+
+
+def test_colour_only_where_it_means_something():
+    s = sample()
+    rows = build_rows(s)
+    coloured = view.plain(view.render(s, rows, "process", "count", width=100), 100, color=True)
+    assert "\x1b[31m" in coloured  # leaks and stuck causes in red
+    plain = view.plain(view.render(s, rows, "process", "count", width=100), 100)
+    assert "\x1b" not in plain
+
+
+def test_control_characters_in_comm_are_neutralised():
+    s = sample()
+    s.sockets.append(sock(666, "evil\x1b[2J", 1.0, "unknown"))
+    assert "\x1b[2J" not in frame_text(100, None)
+
+
+def test_json_frame():
+    s = sample()
+    frame = orjson.loads(orjson.dumps(view.frame_json(s, build_rows(s), "process", "count", 5.0)))
+    assert frame["rows"][0] | {} == frame["rows"][0]
+    row = frame["rows"][0]
+    for key in ("pid", "comm", "close_wait", "oldest_age_s", "leaks", "cause", "new_per_s",
+                "p50_s", "p99_s", "unread_bytes", "causes", "group"):
+        assert key in row
+    assert (row["pid"], row["comm"], row["close_wait"], row["cause"]) == (
+        2411, "api", 8, "eof_ignored")
+    assert frame["states"]["TIME_WAIT"] == 23881 and frame["lost"] == 3
+    assert frame["ephemeral"] == {"used": 24100, "low": 32768, "high": 60999, "size": 28232}
+    assert frame["port_risk"][0]["level"] == "warn" and frame["fin_wait2"][0]["count"] == 4
+
+
+# --------------------------------------------------------------------------- hostinfo
+
+
+def test_port_risk_and_fin_wait2_from_entries():
+    e = [Entry(NETNS, 4, "10.0.0.1", 40000 + i, "10.0.0.60", 5432, state=st)
+         for i, st in enumerate([1] * 5 + [8] * 3 + [6] * 2 + [5])]
+    e.append(Entry(NETNS, 4, "10.0.0.1", 5432, "0.0.0.0", 0, state=10, inode=5))
+    (risk,) = hostinfo.port_risk(e, (40000, 40011), {40011})
+    assert (risk.held, risk.usable, risk.level) == (11, 11, "critical")
+    (peer,) = hostinfo.fin_wait2_by_peer(e, {e[10].key: 100.0}, 160.0)
+    assert (peer.remote, peer.count, peer.oldest_s) == ("10.0.0.60:5432", 1, 60.0)
+    assert hostinfo.ephemeral_in_use(e, (40000, 40011)) == 11
+
+
+# ------------------------------------------------------------------------- collectors
+
+SERVER = Proc(812, "server")
+SK = 0xFFFF888105B5DC80
+
+
+class FakeSource:
+    """Raw events handed out on poll(), a lost counter, no bcc."""
+
+    def __init__(self, events: list[dict]) -> None:
+        self.batches = [[schema.encode(ev) for ev in events]]
+
+    def poll(self, timeout_s: float) -> list[bytes]:
+        return self.batches.pop(0) if self.batches else []
+
+    def counters(self) -> dict[str, int]:
+        return {"lost": 2}
+
+    def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self, t_s: float) -> None:
+        self.t = at(t_s)
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def test_kernel_collector_joins_kernel_and_proc():
+    evs = merge(
+        # stuck: owner seen, forked child holds it
+        life(SK, [step(1.0, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER)]),
+        # came and went within the window, closed quickly
+        life(SK + 64, [step(2.0, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER),
+                       step(2.01, "CLOSE_WAIT", "LAST_ACK", owner=SERVER, actor=SERVER,
+                            outcome="closed")], rport=50001),
+        # still in the accept queue of a listener held by the server
+        life(SK + 128, [step(3.0, "ESTABLISHED", "CLOSE_WAIT")], rport=50002),
+    )
+    table = [
+        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 51234, rx_queue=1, inode=9204),
+        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 50002, rx_queue=40, inode=0),
+        Entry(NETNS, 4, "0.0.0.0", 8080, "0.0.0.0", 0, state=10, inode=9000),
+        Entry(NETNS, 4, "10.0.0.1", 33000, "10.0.0.60", 5432, state=5, inode=7),
+    ]
+    holders = {9204: [Holder(813, "worker", 5)], 9000: [Holder(812, "server", 3)]}
+    clock = Clock(0.0)
+    col = collect.KernelCollector(
+        FakeSource(evs), {"owner": "sock:sock_recv_length"}, window_s=10.0,
+        snapshot=lambda: table, holders_of=lambda inodes: {i: holders[i] for i in inodes
+                                                           if i in holders},
+        clock=clock)
+    col.seed()
+    col.sample()
+    col.pump(0.1)
+    clock.t = at(5.0)
+    s = col.sample()
+    got = sorted((x.pid, x.comm, x.cause, x.age_s, x.unread) for x in s.sockets)
+    assert got == [(812, "server", "not_accepted", 2.0, 39), (813, "worker", "held_elsewhere",
+                                                             4.0, 0)]
+    assert [(e.duration_s, e.cause) for e in s.ended] == [(0.01, "closed")]
+    assert s.window_s == 5.0 and len(s.entered) == 3
+    assert s.host.lost == 2 and s.host.states["FIN_WAIT2"] == 1
+    rows = build_rows(s)
+    assert {r.group: r.cause for r in rows} == {"server[812]": "not_accepted",
+                                                "worker[813]": "held_elsewhere"}
+
+
+def test_snapshot_collector_ages_from_first_sight():
+    tables = [
+        [Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=0, inode=1)],
+        [Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=0, inode=1),
+         Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 2, rx_queue=6, inode=2)],
+    ]
+    clock = Clock(0.0)
+    col = collect.SnapshotCollector(10.0, snapshot=lambda: tables.pop(0),
+                                    holders_of=lambda inodes: {1: [Holder(5, "mine", 3)]},
+                                    clock=clock)
+    col.sample()
+    clock.t += 4 * SEC
+    s = col.sample()
+    assert sorted((x.rport, x.age_s, x.cause, x.pid) for x in s.sockets) == [
+        (1, 4.0, "eof_ignored", 5), (2, 0.0, "not_reading", None)]
+    assert len(s.entered) == 1 and s.mode == "snapshot"
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_help_and_json_needs_once():
+    runner = CliRunner()
+    res = runner.invoke(command.top, ["-h"])
+    assert res.exit_code == 0
+    for opt in ("--once", "--interval", "--format", "--by", "--sort", "--pid", "--port"):
+        assert opt in res.output
+    res = runner.invoke(command.top, ["--format", "json"])
+    assert res.exit_code == 2 and "--once" in res.output
+
+
+def test_once_json_in_forced_snapshot_mode(monkeypatch):
+    monkeypatch.setattr(collect.procnet, "snapshot", lambda: [
+        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=3, inode=11)])
+    monkeypatch.setattr(collect.procnet, "holders_of", lambda inodes: {})
+    res = CliRunner().invoke(command.top, ["--snapshot", "--once", "--interval", "0.1",
+                                           "--format", "json", "--by", "port"])
+    assert res.exit_code == 0, res.output
+    frame = orjson.loads(res.stdout.splitlines()[-1])
+    assert frame["mode"] == "snapshot" and frame["by"] == "port"
+    assert [(r["group"], r["close_wait"], r["cause"]) for r in frame["rows"]] == [
+        (":8080", 1, "not_reading")]
+
+
+@pytest.mark.parametrize("module", [model, view, hostinfo, collect])
+def test_docstring_examples(module):
+    assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
