@@ -138,7 +138,22 @@ def main(args: list[str] | None = None) -> None:
     help="Only transitions from or to this state, e.g. CLOSE_WAIT (repeatable).",
 )
 @click.option("--stacks", is_flag=True, help="Record kernel and user stacks of each transition.")
-def trace(fmt, output, leak_after, duration, pids, ports, states, stacks) -> None:
+@click.option(
+    "--rotate-size", metavar="SIZE", default=None,
+    callback=lambda ctx, param, value: _rotation_arg("parse_size", param, value),
+    help="With -o: start a new file when the log would pass SIZE (e.g. 100M, 1G).",
+)
+@click.option(
+    "--rotate-age", metavar="AGE", default=None,
+    callback=lambda ctx, param, value: _rotation_arg("parse_age", param, value),
+    help="With -o: start a new file when the log is this old (e.g. 1h, 1d).",
+)
+@click.option(
+    "--keep", type=click.IntRange(min=0), default=None, metavar="N",
+    help="With --rotate-*: keep the N newest rotated files (gzipped), delete older ones.",
+)
+def trace(fmt, output, leak_after, duration, pids, ports, states, stacks, rotate_size,
+          rotate_age, keep) -> None:
     """Show every TCP state transition on this host, with CLOSE_WAIT timing and leaks.
 
     \b
@@ -147,14 +162,20 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks) -> Non
       sudo tcpwatch trace --port 8080 --leak-after 10
       sudo tcpwatch trace --format ndjson --state CLOSE_WAIT > cw.ndjson
       sudo tcpwatch trace -o /var/log/tcpwatch.ndjson --duration 3600
+      sudo tcpwatch trace -o /var/log/tcpwatch.ndjson --rotate-size 100M --keep 10
     """
     from tcpwatch import loader
+
+    if (rotate_size or rotate_age or keep is not None) and not output:
+        raise click.UsageError("--rotate-size, --rotate-age and --keep need -o PATH")
+    if keep is not None and not (rotate_size or rotate_age):
+        raise click.UsageError("--keep needs --rotate-size or --rotate-age")
 
     try:
         warnings = loader.preflight()
     except loader.LoaderError as exc:
         raise Fatal(str(exc)) from None
-    sinks = _open_sinks(fmt, output)
+    sinks = _open_sinks(fmt, output, rotate_size, rotate_age, keep)
     source = loader.KernelSource(
         loader.Options(stacks=stacks, pids=tuple(pids), ports=tuple(ports), states=tuple(states),
                        ring_pages=_ring_pages())
@@ -162,6 +183,9 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks) -> Non
     stop_requested = []
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(1))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (logrotate): the log file reopens PATH at its next flush; nothing else stops.
+    reopeners = [s.request_reopen for s in sinks if hasattr(s, "request_reopen")]
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: [r() for r in reopeners])
     try:
         try:
             opened = source.open()
@@ -190,8 +214,21 @@ def _ring_pages() -> int:
     return int(raw)
 
 
-def _open_sinks(fmt: str, output: str | None) -> list:
-    from tcpwatch.sinks.ndjson import NdjsonSink, open_ndjson
+def _rotation_arg(parser: str, param: click.Parameter, value: str | None):
+    """--rotate-size/--rotate-age text -> bytes/seconds (sinks.ndjson.parse_*), or a usage error."""
+    if value is None:
+        return None
+    from tcpwatch.sinks import ndjson
+
+    try:
+        return getattr(ndjson, parser)(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _open_sinks(fmt: str, output: str | None, rotate_size: int | None = None,
+                rotate_age: float | None = None, keep: int | None = None) -> list:
+    from tcpwatch.sinks.ndjson import NdjsonSink, Rotation, open_ndjson
     from tcpwatch.sinks.table import TableSink
 
     sinks: list = []
@@ -203,7 +240,7 @@ def _open_sinks(fmt: str, output: str | None) -> list:
         sinks.append(TableSink(sys.stdout, color=tty, width=width))
     if output:
         try:
-            sinks.append(open_ndjson(output))
+            sinks.append(open_ndjson(output, rotation=Rotation(rotate_size, rotate_age, keep)))
         except OSError as exc:
             raise Fatal(f"cannot write {output}: {exc.strerror}") from None
     return sinks
@@ -213,6 +250,7 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
          stop_requested) -> dict:
     from tcpwatch import loader, procnet
     from tcpwatch.aggregate import Aggregator
+    from tcpwatch.classify import Causes
     from tcpwatch.pipeline import TraceLoop, pid_filter
     from tcpwatch.timefmt import rfc3339
 
@@ -223,6 +261,7 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
         mono_to_wall_ns=offset,
         resolve=resolver.resolve,
         symbolize=source.symbolize if stacks else None,
+        causes=Causes.from_hooks(opened.hooks),
     )
     loop = TraceLoop(source, agg, sinks, keep=pid_filter(pids) if pids else None)
     now = time.monotonic_ns()
