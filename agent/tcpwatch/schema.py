@@ -93,10 +93,43 @@ def layout() -> Layout:
     return Layout((bpf_dir() / "tcpwatch.h").read_text())
 
 
+# decode() runs per event (hundreds of thousands a second): the struct's field names are
+# renamed once, and addresses and comms, which repeat, are decoded once each.
+_RENAME = {"saddr": "laddr", "daddr": "raddr", "sport": "lport", "dport": "rport",
+           "oldstate": "old", "newstate": "new"}
+_CACHE_MAX = 65536
+_v4_cache: dict[bytes, str] = {}
+_v6_cache: dict[bytes, str] = {}
+_comm_cache: dict[bytes, str] = {}
+
+
+@lru_cache(maxsize=1)
+def _decoder():
+    lay = layout()
+    return lay.struct.unpack_from, [_RENAME.get(n, n) for n in lay.names]
+
+
 def _addr(raw: bytes, family: int) -> str:
-    if family == socket.AF_INET6:
-        return socket.inet_ntop(socket.AF_INET6, raw)
-    return socket.inet_ntop(socket.AF_INET, raw[:4])
+    cache = _v6_cache if family == socket.AF_INET6 else _v4_cache
+    text = cache.get(raw)
+    if text is None:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        if family == socket.AF_INET6:
+            text = socket.inet_ntop(socket.AF_INET6, raw)
+        else:
+            text = socket.inet_ntop(socket.AF_INET, raw[:4])
+        cache[raw] = text
+    return text
+
+
+def _comm(raw: bytes) -> str:
+    text = _comm_cache.get(raw)
+    if text is None:
+        if len(_comm_cache) >= _CACHE_MAX:
+            _comm_cache.clear()
+        text = _comm_cache[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return text
 
 
 def decode(buf: bytes) -> dict:
@@ -106,19 +139,15 @@ def decode(buf: bytes) -> dict:
     actor_pid, actor_tid, netns, kstack_id, ustack_id, family (4 or 6), lport, rport,
     old, new, outcome, flags, comm, actor_comm.
     """
-    lay = layout()
-    ev = dict(zip(lay.names, lay.struct.unpack_from(buf)))
-    fam = ev.pop("family")
+    unpack, names = _decoder()
+    ev = dict(zip(names, unpack(buf)))
+    del ev["pad"]
+    fam = ev["family"]
     ev["family"] = 6 if fam == socket.AF_INET6 else 4
-    ev["laddr"] = _addr(ev.pop("saddr"), fam)
-    ev["raddr"] = _addr(ev.pop("daddr"), fam)
-    ev["lport"] = ev.pop("sport")
-    ev["rport"] = ev.pop("dport")
-    ev["old"] = ev.pop("oldstate")
-    ev["new"] = ev.pop("newstate")
-    ev.pop("pad", None)
-    ev["comm"] = ev["comm"].split(b"\0", 1)[0].decode("utf-8", "replace")
-    ev["actor_comm"] = ev["actor_comm"].split(b"\0", 1)[0].decode("utf-8", "replace")
+    ev["laddr"] = _addr(ev["laddr"], fam)
+    ev["raddr"] = _addr(ev["raddr"], fam)
+    ev["comm"] = _comm(ev["comm"])
+    ev["actor_comm"] = _comm(ev["actor_comm"])
     return ev
 
 
