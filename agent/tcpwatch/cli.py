@@ -45,6 +45,26 @@ class Fatal(click.ClickException):
         click.echo(f"tcpwatch: error: {self.message}", err=True)
 
 
+PID_MAX = 4194304  # /proc/sys/kernel/pid_max can go no higher
+
+
+def pid_port_options(func):
+    """--pid and --port, the same for every command that filters sockets."""
+    func = click.option(
+        "--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+        help="Only sockets with this local or remote port (repeatable).",
+    )(func)
+    return click.option(
+        "--pid", "pids", type=click.IntRange(1, PID_MAX), multiple=True,
+        help="Only sockets owned, held or closed by this process (repeatable).",
+    )(func)
+
+
+def state_option(help_text: str):
+    """--state NAME (repeatable), any case: the kernel's TCP state names."""
+    return click.option("--state", "states", type=StateName(), multiple=True, help=help_text)
+
+
 # Commands that live in their own package, imported only when invoked (start-up stays fast
 # and a command's dependencies, e.g. rich for `top`, are not loaded for `trace`).
 LAZY_COMMANDS = {
@@ -125,18 +145,8 @@ def main(args: list[str] | None = None) -> None:
     "--duration", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
     help="Stop by itself after this long.",
 )
-@click.option(
-    "--pid", "pids", type=click.IntRange(1, 4194304), multiple=True,
-    help="Only sockets owned or held by this process (repeatable).",
-)
-@click.option(
-    "--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-    help="Only sockets with this local or remote port (repeatable).",
-)
-@click.option(
-    "--state", "states", type=StateName(), multiple=True,
-    help="Only transitions from or to this state, e.g. CLOSE_WAIT (repeatable).",
-)
+@pid_port_options
+@state_option("Only transitions from or to this state, e.g. CLOSE_WAIT (repeatable).")
 @click.option("--stacks", is_flag=True, help="Record kernel and user stacks of each transition.")
 @click.option(
     "--rotate-size", metavar="SIZE", default=None,

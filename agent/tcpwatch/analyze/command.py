@@ -7,7 +7,7 @@ import sys
 import click
 
 from tcpwatch import schema
-from tcpwatch.cli import CONTEXT, Fatal, StateName
+from tcpwatch.cli import CONTEXT, Fatal, pid_port_options, state_option
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -31,17 +31,9 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> floa
               help="Only what happened from TIME on: RFC 3339 or an age, e.g. 2h, 1d.")
 @click.option("--until", callback=_when, metavar="TIME",
               help="Only what happened up to TIME (sockets still open then count as open).")
-@click.option(
-    "--pid", "pids", type=click.IntRange(1, 4194304), multiple=True,
-    help="Only sockets owned, held or closed by this process (repeatable).",
-)
-@click.option(
-    "--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-    help="Only sockets with this local or remote port (repeatable).",
-)
-@click.option(
-    "--state", "states", type=StateName(), multiple=True,
-    help="Only transitions from or to this state (repeatable); CLOSE_WAIT figures need it "
+@pid_port_options
+@state_option(
+    "Only transitions from or to this state (repeatable); CLOSE_WAIT figures need it "
     "among them.",
 )
 @click.option(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Sink(Protocol):
@@ -52,3 +52,23 @@ class FlushTimer:
     def flushed(self, now: float | None = None) -> None:
         self.last = self.clock() if now is None else now
         self.dirty = False
+
+
+class BufferedSink:
+    """A sink writing to a buffered `_stream`, flushed by a FlushTimer `_timer`.
+
+    Subclasses set both and call `self._timer.wrote()` after writing.
+    """
+
+    _stream: Any
+    _timer: FlushTimer
+
+    def maybe_flush(self, now: float | None = None) -> None:
+        """Flush if something was written and the interval passed (so `tail -f`/pipes see it)."""
+        if self._timer.due(now):
+            self._stream.flush()
+            self._timer.flushed(now)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._timer.flushed()

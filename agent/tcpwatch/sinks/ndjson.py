@@ -32,7 +32,7 @@ from typing import BinaryIO, NamedTuple
 
 import orjson
 
-from tcpwatch.sinks import FlushTimer
+from tcpwatch.sinks import BufferedSink, FlushTimer
 
 LOG_MODE = 0o640  # the log names processes and peers: not for every local user
 BUFFER_BYTES = 1 << 16  # a LogFile writes out once this much is buffered (or on flush)
@@ -42,7 +42,7 @@ ROTATE_RETRY_S = 60.0  # after a rotation failed (rename refused), the next try
 _DUMPS_OPT = orjson.OPT_APPEND_NEWLINE
 
 
-class NdjsonSink:
+class NdjsonSink(BufferedSink):
     """Records -> NDJSON lines on `stream`.
 
     flush_interval_s bounds how long a record may sit in the buffer once maybe_flush() is
@@ -66,16 +66,6 @@ class NdjsonSink:
         # OPT_APPEND_NEWLINE: the same bytes as dumps(record) + b"\n" without the copy.
         self._stream.write(orjson.dumps(record, option=_DUMPS_OPT))
         self._timer.wrote()
-
-    def maybe_flush(self, now: float | None = None) -> None:
-        """Flush if something was written and flush_interval_s passed since the last flush."""
-        if self._timer.due(now):
-            self._stream.flush()
-            self._timer.flushed(now)
-
-    def flush(self) -> None:
-        self._stream.flush()
-        self._timer.flushed()
 
     def request_reopen(self) -> None:
         """Nothing to reopen on a stream (stdout); see LogFile.request_reopen."""

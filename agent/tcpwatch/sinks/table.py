@@ -23,7 +23,7 @@ from typing import NamedTuple, TextIO
 
 import click
 
-from tcpwatch.sinks import FlushTimer
+from tcpwatch.sinks import BufferedSink, FlushTimer
 
 MAX_WIDTH = 100
 MIN_LAYOUT_WIDTH = 70  # narrower: laid out for 70, and the end of each line is cut
@@ -170,7 +170,7 @@ def fit(parts: list, room: int) -> str:
     return out[:room]
 
 
-class TableSink:
+class TableSink(BufferedSink):
     """Records -> aligned text lines on `stream` (a terminal, usually).
 
     color: leaks in bold red, pre-existing CLOSE_WAIT and lost events in yellow (click.style).
@@ -214,16 +214,6 @@ class TableSink:
         render = self._render.get(record.get("event"))
         if render is not None:
             render(record)
-
-    def maybe_flush(self, now: float | None = None) -> None:
-        """Flush if something was written and flush_interval_s passed (for pipes: `| grep`)."""
-        if self._timer.due(now):
-            self._stream.flush()
-            self._timer.flushed(now)
-
-    def flush(self) -> None:
-        self._stream.flush()
-        self._timer.flushed()
 
     def close(self) -> None:
         self.flush()  # never closes the stream: it is the terminal, owned by the caller

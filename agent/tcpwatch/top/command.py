@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import click
 
 from tcpwatch.classify import SLOW_CLOSE_S
-from tcpwatch.cli import CONTEXT, DEFAULT_LEAK_AFTER_S
+from tcpwatch.cli import CONTEXT, DEFAULT_LEAK_AFTER_S, pid_port_options
 from tcpwatch.top.model import GROUPINGS, SORTS, build_rows, filter_sample, keep_only
 
 WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
@@ -42,10 +42,7 @@ WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
               help="Group rows by process, remote endpoint, local port or cgroup.")
 @click.option("--sort", type=click.Choice(SORTS), default="count", show_default=True,
               help="Order of the rows, biggest first.")
-@click.option("--pid", "pids", type=click.IntRange(1, 4194304), multiple=True,
-              help="Only sockets held (or owned) by this process (repeatable).")
-@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-              help="Only sockets with this local or remote port (repeatable).")
+@pid_port_options
 @click.option(
     "--leak-after", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEAK_AFTER_S,
     show_default=True, metavar="SECONDS", help="CLOSE_WAIT age that counts as a leak.",
