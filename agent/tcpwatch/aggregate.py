@@ -257,10 +257,11 @@ class Aggregator:
             self.close_waits += 1
             if tracked is not None:
                 self._forget(tracked)
-        elif tracked is not None:
+        elif tracked is not None and ev["ts_ns"] >= tracked.since_ns:
             # A tracked sk moving between other states: we missed it leaving CLOSE_WAIT (lost
             # events), or the struct sock was freed and reused by a new connection. Either
-            # way the old tracking is stale and must not leak into the new socket.
+            # way the old tracking is stale and must not leak into the new socket. (An
+            # *older* event is just late: per-CPU perf buffers do not keep global order.)
             self._forget(tracked)
         if new == CLOSE_WAIT:
             self._track(ev)

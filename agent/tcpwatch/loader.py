@@ -365,6 +365,10 @@ class KernelSource:
         if self.perf:
             self.bpf.perf_buffer_poll(int(timeout_s * 1000))
             self.bpf.perf_buffer_consume()
+            # One buffer per CPU, read one after the other: a socket's events can come out
+            # of order (its CLOSE_WAIT before its SYN_SENT). Put them back in time order
+            # (ts_ns is the event's first field).
+            self._batch.sort(key=_event_ts)
         else:
             self.bpf.ring_buffer_poll(int(timeout_s * 1000))
             self.bpf.ring_buffer_consume()
@@ -413,6 +417,10 @@ class KernelSource:
             with contextlib.suppress(Exception):
                 self.bpf.cleanup()
             self.bpf = None
+
+
+def _event_ts(raw: bytes) -> int:
+    return int.from_bytes(raw[:8], sys.byteorder)
 
 
 def mono_to_wall_ns() -> int:

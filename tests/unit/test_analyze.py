@@ -94,10 +94,12 @@ def small_log() -> bytes:
 
 @pytest.mark.parametrize(
     ("logs", "name"),
-    [([str(RECORDED)], "analyze_recorded"), ([ROTATED], "analyze_rotated"),
-     ([str(SYNTHETIC)], "analyze_synthetic")],
+    [(["recorded.ndjson"], "analyze_recorded"), (["recorded-rotated.ndjson*"], "analyze_rotated"),
+     (["synthetic.ndjson"], "analyze_synthetic")],
 )
-def test_golden_analyses(logs, name, capsys):
+def test_golden_analyses(logs, name, capsys, monkeypatch):
+    # Relative paths: the report names its files, and a checkout can live anywhere.
+    monkeypatch.chdir(LOGS)
     code, out, err = run(logs, capsys)
     assert code == 0 and err == ""
     golden(f"{name}.txt", out)
