@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from tcpwatch.classify import dominant
+from tcpwatch.procnet import canonical
 from tcpwatch.top.hostinfo import PeerWait, PortRisk, endpoint
 
 GROUPINGS = ("process", "remote", "port", "cgroup")
@@ -141,12 +142,32 @@ def _process(pid: int | None, comm: str | None) -> str:
     return f"{comm or '?'}[{pid}]"
 
 
-def group_of(by: str, item: CwSock | Entered | Ended) -> str:
-    """The label an item is grouped under: 'server[812]', '10.0.0.2:51234', ':8080', cgroup."""
+def remote_group(raddr: str, lport: int, rport: int, ephemeral: tuple[int, int]) -> str:
+    """The remote endpoint a socket is grouped under: 'addr:port' for a client socket, the
+    address alone for a server socket, whose peers each use another ephemeral port (one row
+    per connection would hide the peer that matters). Server side: the remote port is in the
+    ephemeral range and the local one is not.
+
+    >>> remote_group("10.0.0.9", 8080, 51234, (32768, 60999))
+    '10.0.0.9'
+    >>> remote_group("10.0.0.9", 51234, 5432, (32768, 60999))
+    '10.0.0.9:5432'
+    """
+    lo, hi = ephemeral
+    if lo <= rport <= hi and not lo <= lport <= hi:
+        addr = canonical(raddr)
+        return f"[{addr}]" if ":" in addr else addr
+    return endpoint(raddr, rport)
+
+
+def group_of(
+    by: str, item: CwSock | Entered | Ended, ephemeral: tuple[int, int] = (32768, 60999)
+) -> str:
+    """The label an item is grouped under: 'server[812]', '10.0.0.2', ':8080', cgroup."""
     if by == "process":
         return _process(item.pid, item.comm)
     if by == "remote":
-        return endpoint(item.raddr, item.rport)
+        return remote_group(item.raddr, item.lport, item.rport, ephemeral)
     if by == "port":
         return f":{item.lport}"
     if by == "cgroup":
@@ -199,15 +220,16 @@ def _sort_key(sort: str) -> Callable[[Row], tuple]:
 
 def build_rows(sample: Sample, by: str = "process", sort: str = "count") -> list[Row]:
     """Group the sample's sockets by `by` and sort the groups by `sort`, biggest first."""
+    eph = sample.host.port_range  # the host's own: which side of a connection is the client
     stuck: dict[str, list[CwSock]] = {}
     for s in sample.sockets:
-        stuck.setdefault(group_of(by, s), []).append(s)
+        stuck.setdefault(group_of(by, s, eph), []).append(s)
     ended: dict[str, list[Ended]] = {}
     for e in sample.ended:
-        ended.setdefault(group_of(by, e), []).append(e)
+        ended.setdefault(group_of(by, e, eph), []).append(e)
     entered: dict[str, int] = {}
     for e in sample.entered:
-        g = group_of(by, e)
+        g = group_of(by, e, eph)
         entered[g] = entered.get(g, 0) + 1
 
     rows = []
