@@ -4,7 +4,7 @@
 #   sudo scripts/install.sh [--no-apt] [--venv DIR] [-q]
 #
 # What it does (each step is skipped when already done, so it is safe to re-run):
-#   1. apt: bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux and kernel headers
+#   1. apt: bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux gcc (scripts/bench) and kernel headers
 #      (linux-headers-$(uname -r) when the distro has it, else the nearest generic headers, linked
 #      under /lib/modules/$(uname -r)/{build,source} with a WARNING).
 #   2. mounts tracefs at /sys/kernel/tracing and debugfs at /sys/kernel/debug when not mounted.
@@ -18,7 +18,7 @@ set -E # ERR trap in functions too
 PROG=install.sh
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OS_PYTHON=/usr/bin/python3
-APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux)
+APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux gcc)
 RUFF_SPEC="ruff>=0.4"
 
 DO_APT=1
