@@ -91,7 +91,11 @@ struct tw_calib {
 BPF_TABLE("lru_hash", u64, struct tw_sock, socks, TW_MAX_SOCKS);
 BPF_TABLE("lru_hash", u32, struct tw_task, tasks, 65536);
 BPF_TABLE("lru_hash", struct tw_listen_key, struct tw_owner, listeners, 65536);
-BPF_ARRAY(config, u64, TW_CFG_SLOTS);
+// One element holding every setting: a single lookup per event reads them all.
+struct tw_cfg {
+	u64 v[TW_CFG_SLOTS];
+};
+BPF_ARRAY(config, struct tw_cfg, 1);
 BPF_PERCPU_ARRAY(counters, u64, TW_CNT_SLOTS);
 BPF_PERCPU_ARRAY(errs, struct tw_err, 1);
 BPF_ARRAY(calib, struct tw_calib, 1);
@@ -100,12 +104,6 @@ BPF_HASH(port_filter, u16, u8, 1024);
 #ifdef TW_STACKS
 BPF_STACK_TRACE(stacks, 16384);
 #endif
-
-static __always_inline u64 cfg(int slot)
-{
-	u64 *v = config.lookup(&slot);
-	return v ? *v : 0;
-}
 
 static __always_inline u64 count(int slot)
 {
@@ -160,9 +158,9 @@ static __always_inline void event_submit(void *ctx, struct tw_event *e)
 #endif
 
 // netns inode of a socket through the calibrated offsets; 0 while unknown.
-static __always_inline u32 sock_netns(u64 sk)
+static __always_inline u32 sock_netns(struct tw_cfg *cf, u64 sk)
 {
-	u64 net_off = cfg(TW_CFG_NET_OFF), inum_off = cfg(TW_CFG_NETNS_OFF);
+	u64 net_off = cf->v[TW_CFG_NET_OFF], inum_off = cf->v[TW_CFG_NETNS_OFF];
 	void *net = 0;
 	u32 inum = 0;
 
@@ -177,10 +175,10 @@ static __always_inline u32 sock_netns(u64 sk)
 
 // Dump the head of struct sock and of its struct net for the loader's calibration
 // connection, so it can find (and check) the offsets instead of trusting headers.
-static __always_inline void calibrate(u64 sk, int old, int new, u16 sport)
+static __always_inline void calibrate(struct tw_cfg *cf, u64 sk, int old, int new, u16 sport)
 {
-	u64 port = cfg(TW_CFG_CALIB_PORT);
-	u64 net_off = cfg(TW_CFG_NET_OFF);
+	u64 port = cf->v[TW_CFG_CALIB_PORT];
+	u64 net_off = cf->v[TW_CFG_NET_OFF];
 	int zero = 0;
 	struct tw_calib *c;
 
@@ -207,15 +205,16 @@ static __always_inline void set_owner_current(struct tw_sock *s)
 	bpf_get_current_comm(&s->comm, sizeof(s->comm));
 }
 
-static __always_inline int wanted(struct tw_sock *s, int old, int new, u16 sport, u16 dport)
+static __always_inline int wanted(struct tw_cfg *cf, struct tw_sock *s, int old, int new,
+				  u16 sport, u16 dport)
 {
-	u64 mask = cfg(TW_CFG_STATE_MASK);
+	u64 mask = cf->v[TW_CFG_STATE_MASK];
 
 	if (mask && !(mask & ((1ULL << old) | (1ULL << new))))
 		return 0;
-	if (cfg(TW_CFG_FILTER_PORT) && !port_filter.lookup(&sport) && !port_filter.lookup(&dport))
+	if (cf->v[TW_CFG_FILTER_PORT] && !port_filter.lookup(&sport) && !port_filter.lookup(&dport))
 		return 0;
-	if (cfg(TW_CFG_FILTER_PID)) {
+	if (cf->v[TW_CFG_FILTER_PID]) {
 		// An unknown owner may still be the wanted one: let CLOSE_WAIT traffic through
 		// and let userspace decide from /proc who holds the socket.
 		if (!s->owner)
@@ -313,7 +312,12 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 	u8 flags = 0, outcome = TW_OUT_NONE;
 	struct tw_sock *s, zero = {};
 
-	calibrate(sk, old, new, sport);
+	int zero_key = 0;
+	struct tw_cfg *cf = config.lookup(&zero_key);
+
+	if (!cf)
+		return 0;
+	calibrate(cf, sk, old, new, sport);
 
 	s = socks.lookup(&sk);
 	if (!s) {
@@ -324,7 +328,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 		else
 			count(TW_CNT_SOCK_MISS);
 		zero.state = old;
-		zero.netns = sock_netns(sk);
+		zero.netns = sock_netns(cf, sk);
 		if (socks.update(&sk, &zero)) {
 			count(TW_CNT_SOCK_FULL);
 			return 0;
@@ -380,7 +384,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 		}
 	}
 
-	s->sent = cfg(TW_CFG_ENABLED) && wanted(s, old, new, sport, dport);
+	s->sent = cf->v[TW_CFG_ENABLED] && wanted(cf, s, old, new, sport, dport);
 	if (s->sent)
 		emit_state(ctx, sk, s, old, new, family, sport, dport, saddr, daddr, now, prev_ns,
 			   cw_ns, flags, outcome);

@@ -43,7 +43,7 @@
 #define TW_CNT_FILTERED 4    /* transitions dropped by --pid/--port/--state */
 #define TW_CNT_SLOTS 8
 
-/* Slots of the `config` array (u64 each), written by the loader after load. */
+/* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
 #define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */
 #define TW_CFG_FILTER_PORT 1   /* 1: only sockets with a local or remote port in `port_filter` */
 #define TW_CFG_STATE_MASK 2    /* bit n set: send transitions whose old or new state is n; 0: all */

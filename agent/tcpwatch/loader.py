@@ -293,7 +293,10 @@ class KernelSource:
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
 
     def _set(self, slot: int, value: int) -> None:
-        self.bpf["config"][ctypes.c_int(slot)] = ctypes.c_uint64(value)
+        table, key = self.bpf["config"], ctypes.c_int(0)
+        settings = table[key]
+        settings.v[slot] = value
+        table[key] = settings
 
     def _calibrate(self, state_tp: int) -> list[str]:
         """Find where struct net keeps the namespace inode, by making a connection in our
@@ -383,9 +386,6 @@ class KernelSource:
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED"):
             out[name.lower()] = int(sum(table[ctypes.c_int(c["TW_CNT_" + name])]))
         return out
-
-    def lost(self) -> int:
-        return self.counters()["lost"]
 
     def symbolize(self, ev: dict) -> dict:
         """Kernel and user stacks of an event as lists of 'function+0xoff' strings."""

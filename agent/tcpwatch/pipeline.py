@@ -1,6 +1,6 @@
 """The trace loop: source -> decode -> aggregator -> sinks, until told to stop.
 
-Independent of bcc: the source is anything with poll()/counters()/symbolize(), so
+Independent of bcc: the source is anything with poll() and counters(), so
 tests drive it with recorded or synthetic raw events.
 """
 
