@@ -31,10 +31,8 @@ SORTS = ("count", "age", "leaks", "rate", "p99", "unread")
 
 
 @dataclass(frozen=True)
-class CwSock:
-    """A socket in CLOSE_WAIT now. pid/comm: the first holder, else the kernel's owner (None if
-    neither is known); age_s from entry into CLOSE_WAIT (or from first sight); unread bytes
-    from /proc (None if not found)."""
+class SockRef:
+    """Who a socket belongs to and where it goes: all that grouping needs."""
 
     pid: int | None
     comm: str | None
@@ -42,6 +40,14 @@ class CwSock:
     lport: int
     raddr: str
     rport: int
+
+
+@dataclass(frozen=True)
+class CwSock(SockRef):
+    """A socket in CLOSE_WAIT now. pid/comm: the first holder, else the kernel's owner (None if
+    neither is known); age_s from entry into CLOSE_WAIT (or from first sight); unread bytes
+    from /proc (None if not found)."""
+
     age_s: float
     unread: int | None
     cause: str
@@ -49,27 +55,14 @@ class CwSock:
 
 
 @dataclass(frozen=True)
-class Entered:
+class Entered(SockRef):
     """A socket that entered CLOSE_WAIT during the window, attributed as well as known."""
-
-    pid: int | None
-    comm: str | None
-    cgroup: str
-    lport: int
-    raddr: str
-    rport: int
 
 
 @dataclass(frozen=True)
-class Ended:
+class Ended(SockRef):
     """A socket that left CLOSE_WAIT during the window: how long it stayed and why it left."""
 
-    pid: int | None
-    comm: str | None
-    cgroup: str
-    lport: int
-    raddr: str
-    rport: int
     duration_s: float | None
     cause: str
 
@@ -161,7 +154,7 @@ def remote_group(raddr: str, lport: int, rport: int, ephemeral: tuple[int, int])
 
 
 def group_of(
-    by: str, item: CwSock | Entered | Ended, ephemeral: tuple[int, int] = (32768, 60999)
+    by: str, item: SockRef, ephemeral: tuple[int, int] = (32768, 60999)
 ) -> str:
     """The label an item is grouped under: 'server[812]', '10.0.0.2', ':8080', cgroup."""
     if by == "process":
@@ -175,7 +168,7 @@ def group_of(
     raise ValueError(f"unknown grouping {by!r}; one of {', '.join(GROUPINGS)}")
 
 
-def filter_sample(sample: Sample, keep: Callable[[CwSock | Entered | Ended], bool]) -> Sample:
+def filter_sample(sample: Sample, keep: Callable[[SockRef], bool]) -> Sample:
     """The sample with only the sockets `keep` accepts (host figures untouched)."""
     return Sample(
         sample.mode, sample.window_s, sample.host,
@@ -194,7 +187,7 @@ def keep_only(pids: Iterable[int] = (), ports: Iterable[int] = ()) -> Callable[.
     """
     pid_set, port_set = set(pids), set(ports)
 
-    def keep(item: CwSock | Entered | Ended) -> bool:
+    def keep(item: SockRef) -> bool:
         if pid_set and item.pid not in pid_set:
             return False
         return not port_set or item.lport in port_set or item.rport in port_set
