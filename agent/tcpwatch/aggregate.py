@@ -226,6 +226,7 @@ class Aggregator:
         self.close_waits = 0
         self.leaks = 0
         self.lost = 0
+        self.missed = 0
 
     # ----------------------------------------------------------------- events
 
@@ -601,16 +602,22 @@ class Aggregator:
 
     # ----------------------------------------------------------- bookkeeping
 
-    def note_lost(self, total: int, now_mono_ns: int) -> list[dict]:
-        """A `lost` record when the kernel's lost-event total grew, else [].
+    def note_lost(self, dropped: int, now_mono_ns: int, missed: int = 0) -> list[dict]:
+        """A `lost` record when the kernel's lost-event totals grew, else [].
 
-        >>> agg.note_lost(12, now), agg.note_lost(12, now)           # doctest: +SKIP
-        ([{'event': 'lost', 'ts': '...', 'count': 12, 'total': 12}], [])
+        dropped: events the buffer had no room for; missed: transitions the kernel skipped
+        our program for. `total` counts both: every transition we did not see.
+
+        >>> agg.note_lost(12, now, missed=1), agg.note_lost(12, now, missed=1)  # doctest: +SKIP
+        ([{'event': 'lost', 'ts': '...', 'count': 13, 'total': 13, 'dropped': 12,
+           'missed': 1}], [])
         """
+        total = dropped + missed
         if total <= self.lost:
             return []
-        count, self.lost = total - self.lost, total
-        return [{"event": "lost", "ts": self._ts(now_mono_ns), "count": count, "total": total}]
+        count, self.lost, self.missed = total - self.lost, total, missed
+        return [{"event": "lost", "ts": self._ts(now_mono_ns), "count": count, "total": total,
+                 "dropped": dropped, "missed": missed}]
 
     def summary(self, now_mono_ns: int) -> dict:
         """The last record of a log.
@@ -628,5 +635,6 @@ class Aggregator:
             "close_waits": self.close_waits,
             "leaks": self.leaks,
             "lost": self.lost,
+            "missed": self.missed,
             "elapsed_s": _secs(now_mono_ns - start),
         }

@@ -380,12 +380,18 @@ class KernelSource:
         return batch
 
     def counters(self) -> dict[str, int]:
+        """Kernel-side counts. `lost`: events the buffer had no room for; `missed`: state
+        transitions our program never ran for (see recursion_misses())."""
         c = schema.layout().consts
         table = self.bpf["counters"]
         out = {}
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED"):
             out[name.lower()] = int(sum(table[ctypes.c_int(c["TW_CNT_" + name])]))
+        out["missed"] = sum(recursion_misses(fd) for fd in self._state_fds())
         return out
+
+    def _state_fds(self) -> list[int]:
+        return [f.fd for name, f in self.bpf.funcs.items() if name in STATE_PROGS]
 
     def symbolize(self, ev: dict) -> dict:
         """Kernel and user stacks of an event as lists of 'function+0xoff' strings."""
@@ -418,6 +424,31 @@ class KernelSource:
             with contextlib.suppress(Exception):
                 self.bpf.cleanup()
             self.bpf = None
+
+
+# bcc's names for the programs that see state transitions (one of them is loaded).
+STATE_PROGS = (
+    b"tracepoint__sock__inet_sock_set_state",
+    b"tracepoint__tcp__tcp_set_state",
+    b"kprobe__tcp_set_state",
+)
+
+
+def recursion_misses(prog_fd: int) -> int:
+    """How often the kernel skipped this program (5.12+; 0 before).
+
+    A tracepoint program is not run while another BPF tracing program is running on the
+    same CPU: a transition made in softirq while our close or recv hook runs in process
+    context never reaches us. The kernel counts those per program; fdinfo shows the count.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{prog_fd}") as f:
+            for line in f:
+                if line.startswith("recursion_misses:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _release_compiler_memory() -> None:

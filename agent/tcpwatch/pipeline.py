@@ -78,7 +78,8 @@ class TraceLoop:
             self.emit(feed(decode(raw)))
 
     def _check_lost(self) -> None:
-        self.emit(self.agg.note_lost(self.source.counters()["lost"], self.clock()))
+        counts = self.source.counters()
+        self.emit(self.agg.note_lost(counts["lost"], self.clock(), counts.get("missed", 0)))
 
     def run(self, duration_s: float | None = None) -> dict:
         """Loop until stop() or duration_s; returns the summary record (also emitted)."""

@@ -506,9 +506,14 @@ def test_summary_and_lost():
     agg.tick(at(31))
     assert agg.note_lost(0, at(31)) == []
     assert agg.note_lost(5, at(32)) == [
-        {"event": "lost", "ts": "2026-11-21T05:13:32.000000Z", "count": 5, "total": 5}
+        {"event": "lost", "ts": "2026-11-21T05:13:32.000000Z", "count": 5, "total": 5,
+         "dropped": 5, "missed": 0}
     ]
     assert agg.note_lost(7, at(33))[0]["count"] == 2
+    # Skipped transitions (recursion misses) count as lost too, reported apart.
+    assert agg.note_lost(7, at(33), missed=2)[0] == {
+        "event": "lost", "ts": "2026-11-21T05:13:33.000000Z", "count": 2, "total": 9,
+        "dropped": 7, "missed": 2}
     assert agg.summary(at(40.5)) == {
         "event": "summary",
         "ts": "2026-11-21T05:13:40.500000Z",
@@ -516,7 +521,8 @@ def test_summary_and_lost():
         "transitions": 1,
         "close_waits": 0,
         "leaks": 1,
-        "lost": 7,
+        "lost": 9,
+        "missed": 2,
         "elapsed_s": 40.5,
     }
 

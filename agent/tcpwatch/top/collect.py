@@ -337,8 +337,9 @@ class KernelCollector:
         dt = (now_ns - then) / 1e9
         rate = (self.agg.events - events) / dt if dt > 0 else 0.0
         self._last_events = (self.agg.events, now_ns)
-        lost = self.counters().get("lost", 0)
-        self.agg.note_lost(lost, now_ns)
+        counts = self.counters()
+        self.agg.note_lost(counts.get("lost", 0), now_ns, counts.get("missed", 0))
+        lost = self.agg.lost
         host = v.host(entries, now_s, events_per_s=round(rate, 1), lost=lost, hooks=self.hooks,
                       signals=self.causes.signals(), warnings=self.warnings)
         return Sample(self.mode, span, host, sockets, entered,
