@@ -9,8 +9,9 @@
 #      under /lib/modules/$(uname -r)/{build,source} with a WARNING).
 #   2. mounts tracefs at /sys/kernel/tracing and debugfs at /sys/kernel/debug when not mounted.
 #   3. venv at <repo>/.venv (or --venv DIR / $TCPWATCH_VENV) made from /usr/bin/python3 with
-#      --system-site-packages, so the OS's bcc module is importable; then pip install -e '.[test]'
-#      and ruff, and checks that `import bcc` works.
+#      --system-site-packages, so the OS's bcc module is importable; then
+#      pip install -e '.[test,plot,zstd]' (pytest; matplotlib for `analyze --plot`, zstandard for
+#      .zst logs: the tests exercise both) and ruff, and checks that the imports work.
 # See docs/install.md.
 set -euo pipefail
 set -E # ERR trap in functions too
@@ -20,6 +21,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OS_PYTHON=/usr/bin/python3
 APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux gcc)
 RUFF_SPEC="ruff>=0.4"
+# pyproject.toml extras installed into the venv: pytest, and the optional features the tests cover
+EXTRAS="test,plot,zstd"
 
 DO_APT=1
 QUIET=0
@@ -284,9 +287,10 @@ else
 fi
 
 # venv_complete: everything tcpwatch and its tests need imports, from this checkout
+VENV_IMPORTS="bcc, click, orjson, pytest, matplotlib, zstandard, tcpwatch"
 venv_complete() {
     local where
-    where="$("$VENV/bin/python" -c 'import bcc, click, orjson, pytest, tcpwatch; print(tcpwatch.__file__)' 2>>"$LOG")" ||
+    where="$("$VENV/bin/python" -c "import $VENV_IMPORTS; print(tcpwatch.__file__)" 2>>"$LOG")" ||
         return 1
     case "$where" in "$REPO"/*) ;; *) return 1 ;; esac
     [ -x "$VENV/bin/ruff" ]
@@ -295,17 +299,17 @@ venv_complete() {
 # The stamp records what was pip-installed; pip runs again only when it changes (or the venv is
 # incomplete), so a re-run does not reinstall under the feet of someone using the venv.
 STAMP="$VENV/.tcpwatch-installed"
-want_stamp="$(sha256sum <"$REPO/pyproject.toml" | cut -d' ' -f1) $REPO $RUFF_SPEC"
+want_stamp="$(sha256sum <"$REPO/pyproject.toml" | cut -d' ' -f1) $REPO [$EXTRAS] $RUFF_SPEC"
 if [ "$VENV_MADE_NOW" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && venv_complete; then
-    say "pip: tcpwatch[test] and ruff already installed (pyproject.toml unchanged)"
+    say "pip: tcpwatch[$EXTRAS] and ruff already installed (pyproject.toml unchanged)"
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
     rm -f "$STAMP"
     VENV_STAMP_RM=1
-    say "pip: installing -e '${REPO}[test]' and $RUFF_SPEC into $VENV"
-    run "pip install" "$VENV/bin/python" -m pip install -q -e "${REPO}[test]" "$RUFF_SPEC"
+    say "pip: installing -e '${REPO}[$EXTRAS]' and $RUFF_SPEC into $VENV"
+    run "pip install" "$VENV/bin/python" -m pip install -q -e "${REPO}[$EXTRAS]" "$RUFF_SPEC"
     venv_complete ||
-        die "the venv at $VENV cannot import bcc/click/orjson/pytest/tcpwatch from $REPO, or lacks ruff (try: $VENV/bin/python -c 'import bcc, tcpwatch')"
+        die "the venv at $VENV cannot import $VENV_IMPORTS (tcpwatch from $REPO), or lacks ruff (try: $VENV/bin/python -c 'import $VENV_IMPORTS')"
     echo "$want_stamp" >"$STAMP"
 fi
 VENV_MADE_NOW=0 VENV_STAMP_RM=0

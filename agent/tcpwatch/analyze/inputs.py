@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import os
 import sys
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -97,8 +98,55 @@ def open_source(src: Source) -> BinaryIO:
                 "(pip install 'tcpwatch[zstd]') or decompress it (zstd -dc FILE | tcpwatch "
                 "analyze -)"
             ) from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        # Buffered: order_key() needs readline(), which zstandard's readers do not have.
+        if hasattr(zstandard.ZstdDecompressor().decompressobj(), "eof"):
+            return io.BufferedReader(_ZstdFrames(raw, zstandard), CHUNK)  # type: ignore
+        # An old zstandard (no `eof`): every frame is read, but a cut is not noticed.
+        return io.BufferedReader(  # type: ignore[arg-type]
+            zstandard.ZstdDecompressor().stream_reader(raw, closefd=True,
+                                                      read_across_frames=True),
+            CHUNK,
+        )
     return raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame of `raw`, end to end (a .zst file may hold
+    several: `cat a.zst b.zst`, pzstd). EOFError when the data ends inside a frame, as gzip
+    does for a file cut short: the lines before are kept and the damage is named.
+    (zstandard's stream_reader() returns a silent end of file there.)"""
+
+    def __init__(self, raw: BinaryIO, zstandard: Any) -> None:
+        super().__init__()
+        self._raw, self._zstd = raw, zstandard
+        self._dobj: Any = None  # the decompressor of the current frame
+        self._out = memoryview(b"")  # decompressed, not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        while not self._out:
+            data = self._raw.read(CHUNK)
+            if not data:
+                if self._dobj is not None and not self._dobj.eof:
+                    raise EOFError("zstd data ends inside a frame")
+                return 0
+            out = []
+            while data:
+                if self._dobj is None or self._dobj.eof:
+                    self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+                out.append(self._dobj.decompress(data))
+                data = self._dobj.unused_data if self._dobj.eof else b""
+            self._out = memoryview(b"".join(out))
+        n = min(len(buf), len(self._out))
+        buf[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 # Errors a compressed stream raises when it is cut short or damaged.

@@ -37,7 +37,9 @@ def draw(result: Result, path: str) -> None:
     matplotlib.use("Agg")  # no display needed
     from datetime import datetime, timezone
 
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from tcpwatch.analyze.report import human
 
@@ -47,12 +49,17 @@ def draw(result: Result, path: str) -> None:
     hist.bar(range(len(buckets)), [c for _, _, c in buckets], color="#4477aa")
     hist.set_xticks(range(len(buckets)), labels, rotation=45, ha="right", fontsize=8)
     hist.set_ylabel("sockets")
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 2.5 sockets
     hist.set_title(f"Time in CLOSE_WAIT (n={result.durations.n}, log2 buckets)")
     tl = result.timeline
     if tl is not None and tl.bins:
         times = [datetime.fromtimestamp(tl.start + i * tl.bin_s, tz=timezone.utc)
                  for i in range(len(tl.bins))]
         line.step(times, tl.bins, where="post", color="#cc3311")
+    locator = mdates.AutoDateLocator()
+    line.xaxis.set_major_locator(locator)
+    line.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # not "57:14.000000"
+    line.yaxis.set_major_locator(MaxNLocator(integer=True))
     line.set_ylabel("in CLOSE_WAIT (max per bin)")
     line.set_xlabel("time (UTC)")
     line.set_title("Sockets in CLOSE_WAIT over time")

@@ -7,6 +7,7 @@ The loop only pumps the collector, reads keys and asks the view for a frame; col
   sudo tcpwatch top                        # live, grouped by process
   sudo tcpwatch top --by remote --port 5432
   tcpwatch top --once --interval 5 --format json | jq '.rows[0]'
+  tcpwatch top --replay '/var/log/tcpwatch.ndjson*' --at 2026-11-21T05:13:00Z
 """
 
 from __future__ import annotations
@@ -22,13 +23,25 @@ from collections.abc import Iterator
 import click
 
 from tcpwatch.classify import SLOW_CLOSE_S
-from tcpwatch.cli import CONTEXT, DEFAULT_LEAK_AFTER_S, pid_port_options
+from tcpwatch.cli import CONTEXT, DEFAULT_LEAK_AFTER_S, Fatal, pid_port_options
 from tcpwatch.top.model import GROUPINGS, SORTS, build_rows, filter_sample, keep_only
 
 WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
 
 
+def _at(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    from tcpwatch.top.replay import parse_at
+
+    try:
+        return parse_at(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @click.command(context_settings=CONTEXT)
+@click.argument("logs", nargs=-1, metavar="[LOG...]")
 @click.option("--once", is_flag=True, help="Collect for one interval, print one frame, exit.")
 @click.option(
     "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
@@ -36,7 +49,7 @@ WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
-    help="With --once: a plain text frame, or one JSON object.",
+    help="With --once or --replay: a plain text frame, or one JSON object.",
 )
 @click.option("--by", type=click.Choice(GROUPINGS), default="process", show_default=True,
               help="Group rows by process, remote endpoint, local port or cgroup.")
@@ -45,7 +58,8 @@ WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
 @pid_port_options
 @click.option(
     "--leak-after", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEAK_AFTER_S,
-    show_default=True, metavar="SECONDS", help="CLOSE_WAIT age that counts as a leak.",
+    show_default=True, metavar="SECONDS",
+    help="CLOSE_WAIT age that counts as a leak (--replay: by default the log's own).",
 )
 @click.option(
     "--slow-close", type=click.FloatRange(min=0), default=SLOW_CLOSE_S, show_default=True,
@@ -53,12 +67,23 @@ WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
 )
 @click.option(
     "--window", type=click.FloatRange(min=1), default=WINDOW_S, show_default=True,
-    metavar="SECONDS", help="Live: rates and percentiles over this many seconds.",
+    metavar="SECONDS",
+    help="Live, and --replay before --at: rates and percentiles over this many seconds.",
 )
 @click.option("--snapshot", "force_snapshot", is_flag=True,
               help="Use /proc snapshots even as root (what non-root users get).")
-def top(once, interval, fmt, by, sort, pids, ports, leak_after, slow_close, window,
-        force_snapshot) -> None:
+@click.option(
+    "--replay", is_flag=True,
+    help="Draw one frame from NDJSON logs (LOG...: files, quoted globs, .gz, .zst, - for "
+         "stdin) written by `tcpwatch trace -o`, as top would have shown it at --at.",
+)
+@click.option(
+    "--at", "at", callback=_at, metavar="TIME",
+    help="With --replay: RFC 3339, an age before the end of the log (5m), or +AGE after its "
+         "start (+90s). Default: the end of the log.",
+)
+def top(logs, once, interval, fmt, by, sort, pids, ports, leak_after, slow_close, window,
+        force_snapshot, replay, at) -> None:
     """Live CLOSE_WAIT leaderboard: who holds them, how old, how fast, and why.
 
     As root the kernel programs watch every CLOSE_WAIT entry and exit; without root top falls
@@ -71,7 +96,16 @@ def top(once, interval, fmt, by, sort, pids, ports, leak_after, slow_close, wind
       sudo tcpwatch top --by remote --port 5432
       sudo tcpwatch top --once --interval 5 --format json
       tcpwatch top --once            # without root: snapshot mode
+      tcpwatch top --replay /var/log/tcpwatch.ndjson --at 2026-11-21T05:13:00Z
+      tcpwatch top --replay '/var/log/tcpwatch.ndjson*' --at 10m --format json
     """
+    if replay or logs or at is not None:
+        given = _given(click.get_current_context())
+        _check_replay_usage(logs, replay, at, force_snapshot, given)
+        keep = keep_only(pids, ports)
+        run_replay(logs, at, window, leak_after if "leak_after" in given else None,
+                   slow_close, keep, fmt, by, sort)
+        return
     if fmt == "json" and not once:
         raise click.UsageError("--format json needs --once")
     stop: list[int] = []
@@ -90,6 +124,121 @@ def top(once, interval, fmt, by, sort, pids, ports, leak_after, slow_close, wind
         collector.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Parameters given on the command line (or from the environment), not defaulted."""
+    from click.core import ParameterSource
+
+    return {p.name for p in ctx.command.params if p.name and ctx.get_parameter_source(p.name)
+            in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
+def _check_replay_usage(logs: tuple, replay: bool, at, force_snapshot: bool,
+                        given: set[str]) -> None:
+    """One-line usage errors for what does not go with --replay (or needs it)."""
+    if not replay:
+        if logs:
+            raise click.UsageError(f"unexpected argument {logs[0]!r}: LOG arguments go with "
+                                   "--replay")
+        raise click.UsageError("--at needs --replay LOG...")
+    if not logs:
+        raise click.UsageError("--replay needs at least one LOG (a file, a quoted glob, or - "
+                               "for stdin)")
+    if force_snapshot:
+        raise click.UsageError("--replay reads a log, --snapshot reads /proc now: use one")
+    if "interval" in given:
+        raise click.UsageError("--interval does not go with --replay: a replay is one frame at "
+                               "--at (--window sets the span of the rates)")
+
+
+def run_replay(logs: tuple, at, window: float, leak_after: float | None, slow_close: float,
+               keep, fmt: str, by: str, sort: str) -> None:
+    """--replay: read the logs up to T, print the frame at T (text or JSON) on stdout.
+
+    leak_after None: the log's own threshold. Problems with the input are warnings (as for
+    analyze) unless nothing usable is left; errors are one line (Fatal, exit 1)."""
+    import orjson
+
+    from tcpwatch.analyze import inputs
+    from tcpwatch.analyze.engine import IncompatibleLog
+    from tcpwatch.analyze.timeparse import epoch
+    from tcpwatch.top import replay, view
+
+    sources, problems = inputs.expand(list(logs))
+    if all(s.path is not None for s in sources):
+        sources.sort(key=inputs.order_key)
+    at_s = after_start = None
+    if at is not None and at.kind == "time":
+        at_s = at.value
+    elif at is not None and at.kind == "after_start":
+        after_start = at.value
+    elif at is not None:  # before the end: find the end first
+        if any(s.path is None for s in sources):
+            raise Fatal(f"--at {at.text} counts back from the end of the log, which stdin "
+                        "cannot tell in advance: give a time (RFC 3339) or +AGE from the start")
+        end = replay.log_end(sources)
+        if end is not None:
+            at_s = epoch(end) - at.value
+    r = replay.Replayer(at_s, after_start=after_start, window_s=window,
+                        leak_after_s=leak_after, slow_close_s=slow_close,
+                        label=at.text if at is not None else None)
+    try:
+        r.run(sources)
+        if not r.records:
+            raise replay.ReplayError(_nothing_usable(logs, problems + r.notes, r))
+        problems += r.notes
+        sample = r.sample()
+    except (IncompatibleLog, replay.ReplayError) as exc:
+        _report_input(problems, r)
+        raise Fatal(str(exc)) from None
+    _report_input(problems, r)
+    if at is not None and at.kind == "before_end" and at_s is None:
+        raise Fatal(f"--at {at.text}: the end of the log could not be read")
+    if by == "cgroup":
+        sample.host.warnings.insert(0, "the log has no cgroups (and /proc now is not the "
+                                       "log's): every socket is under '?'")
+    sample = filter_sample(sample, keep)
+    rows = build_rows(sample, by, sort)
+    if fmt == "json":
+        frame = view.frame_json(sample, rows, by, sort, None)
+        frame["ephemeral"] = {"used": None, "low": None, "high": None, "size": None}
+        frame["port_risk"] = None  # needs every socket of the host: not in the log
+        if not r.fw2_known:
+            frame["fin_wait2"] = None
+        frame["replay"] = r.info()
+        sys.stdout.buffer.write(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
+        sys.stdout.flush()
+        return
+    tty = sys.stdout.isatty()
+    width = shutil.get_terminal_size().columns if tty else 100
+    sys.stdout.write(view.plain(view.render(sample, rows, by, sort, width=width), width, tty))
+    sys.stdout.flush()
+
+
+def _nothing_usable(logs: tuple, problems: list[str], r) -> str:
+    """The one line for input with no record at all: what went wrong with it."""
+    if problems and not r.corrupt:
+        return "; ".join(problems)
+    why = f"nothing usable read from {', '.join(logs)}"
+    if r.corrupt:
+        why += f": {r.corrupt} corrupt line{'s' if r.corrupt != 1 else ''}"
+        if r.corrupt_examples:
+            why += f", the first: {r.corrupt_examples[0]}"
+    return why
+
+
+def _report_input(problems: list[str], r) -> None:
+    """Warnings on stderr, as analyze gives them: unreadable inputs, corrupt lines."""
+    if not r.records:
+        return  # said in the one error line
+    for note in problems:
+        click.echo(f"tcpwatch: warning: {note}", err=True)
+    if r.corrupt:
+        click.echo(f"tcpwatch: warning: {r.corrupt} corrupt line{'s' if r.corrupt != 1 else ''}"
+                   " skipped" + ("; the first:" if r.corrupt_examples else ""), err=True)
+        for example in r.corrupt_examples:
+            click.echo(f"  {example}", err=True)
 
 
 def open_collector(window_s: float, ports: tuple[int, ...], leak_after: float,

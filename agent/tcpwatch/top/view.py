@@ -11,7 +11,7 @@ events in red, snapshot mode in yellow.
 >>> print(plain(frame, width=60).rstrip())  # doctest: +NORMALIZE_WHITESPACE
 tcpwatch top  web-1  kernel  by process  sort count  10s
 tcp  -
-ports -/28232 ephemeral   events -/s   lost -
+ports - ephemeral   events -/s   lost -
 hooks -
 causes from -
 GROUP           CW OLDEST LEAKS NEW/s    P99 CAUSE
@@ -87,13 +87,18 @@ def _header(sample: Sample, by: str, sort: str) -> list[Text]:
     if sample.mode == "snapshot":
         lines.append(Text("SNAPSHOT MODE (no root): /proc only, ages from first sight, "
                           "owners where visible", style="yellow"))
+    if sample.mode == "replay":
+        lines.append(Text(f"REPLAY of a log at {sample.ts}: ages as of then; '-' is not in "
+                          "the log", style="yellow"))
     states = "  ".join(f"{SHORT_STATES.get(k, k)} {v}" for k, v in h.states.items())
     lines.append(Text(f"tcp  {states or '-'}"))
     lo, hi = h.port_range
     size = hi - lo + 1
-    used = "-" if h.ephemeral_used is None else str(h.ephemeral_used)
-    pct = f" ({100 * h.ephemeral_used // size}%)" if h.ephemeral_used is not None else ""
-    line = Text(f"ports {used}/{size}{pct} ephemeral   events ")
+    if h.ephemeral_used is None:  # not measured (a replayed log): not even the range
+        line = Text("ports - ephemeral   events ")
+    else:
+        pct = f" ({100 * h.ephemeral_used // size}%)"
+        line = Text(f"ports {h.ephemeral_used}/{size}{pct} ephemeral   events ")
     line.append("-" if h.events_per_s is None else f"{h.events_per_s:g}")
     line.append("/s   lost ")
     line.append("-" if h.lost is None else str(h.lost), style="red" if h.lost else "")
