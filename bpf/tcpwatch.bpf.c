@@ -99,6 +99,11 @@ BPF_ARRAY(config, struct tw_cfg, 1);
 BPF_PERCPU_ARRAY(counters, u64, TW_CNT_SLOTS);
 BPF_PERCPU_ARRAY(errs, struct tw_err, 1);
 BPF_ARRAY(calib, struct tw_calib, 1);
+// Sockets in CLOSE_WAIT now (TW_CFG_CW_MAP): top reads this instead of every event.
+#ifndef TW_MAX_CW
+#define TW_MAX_CW 262144
+#endif
+BPF_HASH(cw, u64, struct tw_cw, TW_MAX_CW);
 BPF_HASH(pid_filter, u32, u8, 1024);
 BPF_HASH(port_filter, u16, u8, 1024);
 #ifdef TW_STACKS
@@ -304,6 +309,41 @@ static __always_inline void emit_state(void *ctx, u64 sk, struct tw_sock *s, int
 	event_submit(ctx, e);
 }
 
+static __always_inline void cw_enter(u64 sk, struct tw_sock *s, u16 family, u16 sport,
+				     u16 dport, u8 *saddr, u8 *daddr, u64 now)
+{
+	struct tw_cw c = {};
+
+	c.ts_ns = now;
+	c.fin_read_ns = s->fin_read_ts;
+	__builtin_memcpy(c.saddr, saddr, 16);
+	__builtin_memcpy(c.daddr, daddr, 16);
+	c.pid = s->pid;
+	c.tid = s->tid;
+	c.netns = s->netns;
+	c.family = family;
+	c.sport = sport;
+	c.dport = dport;
+	c.flags = s->owner | (s->flags & ~TW_F_READ_IN_CW);
+	__builtin_memcpy(c.comm, s->comm, TW_COMM_LEN);
+	if (cw.update(&sk, &c))
+		count(TW_CNT_CW_FULL);
+}
+
+// The owner or the EOF flag of a socket in CLOSE_WAIT changed: refresh its `cw` entry.
+static __always_inline void cw_refresh(u64 sk, struct tw_sock *s)
+{
+	struct tw_cw *c = cw.lookup(&sk);
+
+	if (!c)
+		return;
+	c->pid = s->pid;
+	c->tid = s->tid;
+	__builtin_memcpy(c->comm, s->comm, TW_COMM_LEN);
+	c->flags = s->owner | s->flags;
+	c->fin_read_ns = s->fin_read_ts;
+}
+
 static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 family, u16 sport,
 				    u16 dport, u8 *saddr, u8 *daddr)
 {
@@ -317,6 +357,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 
 	if (!cf)
 		return 0;
+	count(TW_CNT_TRANSITIONS);
 	calibrate(cf, sk, old, new, sport);
 
 	s = socks.lookup(&sk);
@@ -385,11 +426,24 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 	}
 
 	s->sent = cf->v[TW_CFG_ENABLED] && wanted(cf, s, old, new, sport, dport);
+	if (cf->v[TW_CFG_CW_MAP]) {
+		// top: the map holds who is in CLOSE_WAIT; only exits (with their duration and
+		// outcome) travel. An exit is sent even if the map was full at its entry.
+		if (old == TS_CLOSE_WAIT)
+			cw.delete(&sk);
+		else if (new == TS_CLOSE_WAIT && s->sent)
+			cw_enter(sk, s, family, sport, dport, saddr, daddr, now);
+		if (old != TS_CLOSE_WAIT) {
+			count(TW_CNT_FILTERED);
+			goto done;
+		}
+	}
 	if (s->sent)
 		emit_state(ctx, sk, s, old, new, family, sport, dport, saddr, daddr, now, prev_ns,
 			   cw_ns, flags, outcome);
 	else
 		count(TW_CNT_FILTERED);
+done:
 
 	if (new == TS_CLOSE) {
 		if (old == TS_LISTEN) {
@@ -482,9 +536,16 @@ int kprobe__tcp_set_state(struct pt_regs *ctx, struct sock *sk, int state)
 static __always_inline void emit_sock(void *ctx, u64 sk, struct tw_sock *s, u8 kind, u64 ts)
 {
 	struct tw_event *e;
+	int zero_key = 0;
+	struct tw_cfg *cf;
 
 	if (!s->sent)
 		return;
+	cf = config.lookup(&zero_key);
+	if (cf && cf->v[TW_CFG_CW_MAP]) {
+		cw_refresh(sk, s);
+		return;
+	}
 	e = event_reserve();
 	if (!e)
 		return;

@@ -41,6 +41,8 @@
 #define TW_CNT_SOCK_MISS 2   /* transitions of sockets with no entry in the socket map */
 #define TW_CNT_SOCK_FULL 3   /* socket map inserts that failed */
 #define TW_CNT_FILTERED 4    /* transitions dropped by --pid/--port/--state */
+#define TW_CNT_TRANSITIONS 5 /* every TCP state transition the state program ran for */
+#define TW_CNT_CW_FULL 6     /* CLOSE_WAIT entries the `cw` map had no room for (TW_CFG_CW_MAP) */
 #define TW_CNT_SLOTS 8
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
@@ -51,6 +53,8 @@
 #define TW_CFG_NETNS_OFF 4     /* offset of net->ns.inum in struct net, or -1 (calibrated) */
 #define TW_CFG_CALIB_PORT 5    /* while non-zero: dump struct net of a socket on this port */
 #define TW_CFG_ENABLED 6       /* 0 until filters are set: track sockets, send nothing */
+#define TW_CFG_CW_MAP 7        /* 1: sockets in CLOSE_WAIT live in the `cw` map and only their
+                                  exits are sent (top); 0: every wanted event is sent (trace) */
 #define TW_CFG_SLOTS 8
 
 #define TW_CALIB_BYTES 512
@@ -82,6 +86,24 @@ struct tw_event {
 	__u8 pad;
 	char comm[TW_COMM_LEN];
 	char actor_comm[TW_COMM_LEN];
+};
+
+/* Value of the `cw` map (key: the struct sock address), read by userspace when it asks:
+ * a socket in CLOSE_WAIT now, as the kernel knows it. Same address convention. */
+struct tw_cw {
+	__u64 ts_ns;       /* entry into CLOSE_WAIT (CLOCK_MONOTONIC) */
+	__u64 fin_read_ns; /* when the owner read EOF, 0 if not yet */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 pid;         /* owner (see flags), 0 if unknown */
+	__u32 tid;
+	__u32 netns;
+	__u16 family;
+	__u16 sport;
+	__u16 dport;
+	__u8 flags;        /* TW_F_OWNER* | TW_F_EOF_READ | TW_F_READ_IN_CW */
+	__u8 pad;
+	char comm[TW_COMM_LEN];
 };
 
 #endif /* TCPWATCH_H */

@@ -56,6 +56,7 @@ class Layout:
         fmt = "="  # native byte order, no implicit padding: alignment is made explicit below
         offset = 0
         self.fields: list[tuple[str, int, int]] = []  # (name, offset, size)
+        self.codes: dict[str, str] = {}  # name -> struct code of the field: "Q", "16s", ...
         self.arrays: dict[str, str] = {}
         max_align = 1
         for ctype, name, dim in _FIELD.findall(re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S)):
@@ -71,6 +72,7 @@ class Layout:
             max_align = max(max_align, size)
             if code == "s" or (dim and code == "B"):
                 fmt += f"{count}s"
+                self.codes[name] = f"{count}s"
                 self.arrays[name] = ctype
                 self.fields.append((name, offset, count))
                 offset += count
@@ -78,6 +80,7 @@ class Layout:
                 raise ValueError(f"arrays of {ctype} are not supported: {name}")
             else:
                 fmt += code
+                self.codes[name] = code
                 self.fields.append((name, offset, size))
                 offset += size
         tail = (-offset) % max_align
@@ -91,6 +94,12 @@ class Layout:
 @lru_cache(maxsize=1)
 def layout() -> Layout:
     return Layout((bpf_dir() / "tcpwatch.h").read_text())
+
+
+@lru_cache(maxsize=4)
+def layout_of(struct_name: str) -> Layout:
+    """Another struct of the header, e.g. "tw_cw" (the value of the kernel's `cw` map)."""
+    return Layout((bpf_dir() / "tcpwatch.h").read_text(), struct_name)
 
 
 # decode() runs per event (hundreds of thousands a second): the struct's field names are
@@ -184,3 +193,8 @@ def encode(ev: dict) -> bytes:
 
 def state_name(num: int) -> str:
     return TCP_STATES.get(num, f"STATE_{num}")
+
+
+# For other readers of kernel bytes (the `cw` map): the same cached conversions.
+addr_text = _addr
+comm_text = _comm

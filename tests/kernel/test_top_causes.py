@@ -338,3 +338,40 @@ if __name__ == "__main__":
         except Exception as e:  # noqa: BLE001 - report anything to the test
             _emit(event="error", error=repr(e))
             raise
+
+
+def test_exits_and_entries_from_the_kernel_map():
+    """top keeps sockets in CLOSE_WAIT in the kernel's map and gets only their exits: sockets
+    that come and go within the interval are counted as entered and ended, with durations, and
+    the ones still open are shown as CLOSE_WAIT, all under the process that made them."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(64)
+        port = lsock.getsockname()[1]
+        top = _top_once([port], interval=4)
+        try:
+            assert "kernel mode" in _wait_collecting(top)
+            closed, kept = [], []
+            for i in range(22):
+                c = socket.create_connection(("127.0.0.1", port))
+                a, _ = lsock.accept()
+                c.close()
+                (kept if i < 2 else closed).append((a, c))
+            time.sleep(0.3)
+            for a, _ in closed:
+                a.close()
+            out, err = top.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(top.pid, signal.SIGKILL)
+        assert top.returncode == 0, err.decode()
+        frame = json.loads(out)
+        rows = [r for r in frame["rows"] if r["pid"] == os.getpid()]
+        assert len(rows) == 1, frame["rows"]
+        row = rows[0]
+        assert (row["close_wait"], row["closed"], row["causes"]) == (
+            2, 20, {"not_reading": 2}), row
+        assert 0.25 <= row["p50_s"] < 2.0, row
+        assert row["new_per_s"] == pytest.approx(22 / frame["window_s"], abs=0.002), row
+        for a, _ in kept:
+            a.close()

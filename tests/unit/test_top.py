@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import doctest
 import os
+import socket
 from pathlib import Path
 
 import orjson
 import pytest
 from click.testing import CliRunner
-from streams import NETNS, SEC, Entry, Holder, Proc, at, life, merge, step
+from streams import NETNS, SEC, Entry, Holder, Proc, at, const, life, merge, step
 
 from tcpwatch import schema
 from tcpwatch.top import collect, command, hostinfo, model, view
@@ -276,6 +277,89 @@ def test_kernel_collector_joins_kernel_and_proc():
     rows = build_rows(s)
     assert {r.group: r.cause for r in rows} == {"server[812]": "not_accepted",
                                                 "worker[813]": "held_elsewhere"}
+
+
+class FakeMapSource(FakeSource):
+    """The kernel's side of top's cw-map mode, played from an event stream: sockets entering
+    CLOSE_WAIT go into a `cw` map (EOF and owner news update them), and only exits are handed
+    out on poll(), as bpf/tcpwatch.bpf.c does with TW_CFG_CW_MAP."""
+
+    def __init__(self, events: list[dict]) -> None:
+        lay = schema.layout_of("tw_cw")
+        self.cw: dict[int, dict] = {}
+        self.forgotten: list[int] = []
+        exits = []
+        for ev in events:
+            sk = ev["sk"]
+            if ev["kind"] == const("TW_KIND_STATE") and ev["old"] == schema.CLOSE_WAIT:
+                self.cw.pop(sk, None)
+                exits.append(ev)
+            elif ev["kind"] == const("TW_KIND_STATE") and ev["new"] == schema.CLOSE_WAIT:
+                self.cw[sk] = dict(ev)
+            elif sk in self.cw:  # EOF / owner news
+                self.cw[sk].update(pid=ev["pid"], tid=ev["tid"], comm=ev["comm"],
+                                   flags=ev["flags"] | self.cw[sk]["flags"])
+        self.batches = [[schema.encode(ev) for ev in exits]]
+        fam = {4: socket.AF_INET, 6: socket.AF_INET6}
+        self.rows = [
+            (sk, lay.struct.unpack(lay.struct.pack(
+                ev["ts_ns"], 0, socket.inet_pton(fam[ev["family"]], ev["laddr"]).ljust(16, b"\0"),
+                socket.inet_pton(fam[ev["family"]], ev["raddr"]).ljust(16, b"\0"), ev["pid"],
+                ev["tid"], ev["netns"], fam[ev["family"]], ev["lport"], ev["rport"],
+                ev["flags"] & 0xFF, 0, ev["comm"].encode())))
+            for sk, ev in self.cw.items()
+        ]
+
+    def read_cw(self) -> list[tuple[int, tuple]]:
+        return [r for r in self.rows if r[0] not in self.forgotten]
+
+    def forget_cw(self, sks: list[int]) -> None:
+        self.forgotten += sks
+
+
+def test_kernel_map_mode_gives_the_same_sample_as_the_event_stream():
+    evs = merge(
+        life(SK, [step(1.0, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER)]),
+        life(SK + 64, [step(2.0, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER),
+                       step(2.01, "CLOSE_WAIT", "LAST_ACK", owner=SERVER, actor=SERVER,
+                            outcome="closed")], rport=50001),
+        life(SK + 128, [step(3.0, "ESTABLISHED", "CLOSE_WAIT")], rport=50002),
+        # in the map, but /proc no longer has it in CLOSE_WAIT: its exit was skipped
+        life(SK + 192, [step(0.5, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER)], rport=50003),
+    )
+    table = [
+        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 51234, rx_queue=1, inode=9204),
+        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 50002, rx_queue=40, inode=0),
+        Entry(NETNS, 4, "0.0.0.0", 8080, "0.0.0.0", 0, state=10, inode=9000),
+    ]
+    holders = {9204: [Holder(813, "worker", 5)], 9000: [Holder(812, "server", 3)]}
+    samples = []
+    for source, cw_map in ((FakeSource(evs), False), (FakeMapSource(evs), True)):
+        clock = Clock(0.0)
+        col = collect.KernelCollector(
+            source, {"owner": "sock:sock_recv_length"}, window_s=10.0,
+            snapshot=lambda: table, holders_of=lambda inodes: {i: holders[i] for i in inodes
+                                                               if i in holders},
+            clock=clock, cw_map=cw_map)
+        col.seed()
+        col.sample()
+        col.pump(0.1)
+        clock.t = at(5.0)
+        samples.append(col.sample())
+    events, kernel = samples
+    def key(socks: list) -> list:
+        return sorted(socks, key=lambda x: x.rport)
+
+    # The event path still believes the socket whose exit was skipped; the map path checks
+    # its map against /proc and drops it from the map.
+    assert key(kernel.sockets) == [x for x in key(events.sockets) if x.rport != 50003]
+    assert [(x.pid, x.cause) for x in key(kernel.sockets)] == [(812, "not_accepted"),
+                                                                (813, "held_elsewhere")]
+    assert kernel.ended == events.ended == [
+        collect.Ended(812, "server", "?", 8080, "10.0.0.2", 50001, 0.01, "closed")]
+    assert len(kernel.entered) == 3  # the stale one entered before the window
+    assert kernel.host.lost == events.host.lost == 2
+    assert source.forgotten == [SK + 192]
 
 
 def test_snapshot_collector_ages_from_first_sight():

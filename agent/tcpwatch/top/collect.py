@@ -26,13 +26,17 @@ from dataclasses import replace
 from typing import Any
 
 from tcpwatch import procnet, schema
-from tcpwatch.classify import Causes, stuck_cause
+from tcpwatch.classify import Causes, ended_cause, stuck_cause
 from tcpwatch.procnet import TcpEntry, canonical
 from tcpwatch.timefmt import rfc3339
 from tcpwatch.top import hostinfo
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample
 
 CLOSE_WAIT = schema.CLOSE_WAIT
+_C = schema.layout().consts
+_KIND_STATE = _C["TW_KIND_STATE"]
+_F_OWNER, _F_OWNER_LISTENER = _C["TW_F_OWNER"], _C["TW_F_OWNER_LISTENER"]
+_F_ACTOR, _F_EOF_READ, _F_CW_UNKNOWN = _C["TW_F_ACTOR"], _C["TW_F_EOF_READ"], _C["TW_F_CW_UNKNOWN"]
 Snapshot = Callable[[], list]  # procnet.snapshot()
 HoldersOf = Callable[[Iterable[int]], dict]  # procnet.holders_of()
 
@@ -198,10 +202,18 @@ def _prune(window: deque, limit_s: float) -> None:
 
 
 class KernelCollector:
-    """Live CLOSE_WAIT entries and exits from the kernel, through the trace aggregator.
+    """Live CLOSE_WAIT entries and exits from the kernel.
 
     `source` is an opened loader.KernelSource (or anything with poll()/counters());
     `hooks` the Opened.hooks it reported. Call seed() once before the first pump().
+
+    Two ways to get them, same Sample out:
+    - cw_map=True (what `tcpwatch top` uses): the kernel keeps the sockets in CLOSE_WAIT in its
+      `cw` map (Options(cw_map=True)), read once per frame with source.read_cw(); only exits
+      travel as events, one per socket, decoded straight into `Ended`. Entries in the window
+      are told from the exits' durations and the map's entry times.
+    - cw_map=False: every CLOSE_WAIT entry, exit, EOF and owner event goes through the trace
+      Aggregator (sources without a `cw` map, e.g. recorded event streams).
     """
 
     mode = "kernel"
@@ -211,10 +223,11 @@ class KernelCollector:
                  slow_close_s: float | None = None, warnings: Iterable[str] = (), *,
                  mono_to_wall_ns: int = 0, snapshot: Snapshot | None = None,
                  holders_of: HoldersOf | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, cw_map: bool = False) -> None:
         from tcpwatch.aggregate import Aggregator
 
         self.source = source
+        self.cw_map = cw_map
         self.view = _HostView(window_s, ports, snapshot, holders_of, clock)
         self.causes = (Causes.from_hooks(hooks) if slow_close_s is None
                        else Causes.from_hooks(hooks, slow_close_s))
@@ -226,11 +239,16 @@ class KernelCollector:
         # under the process that held it, not only the owner the kernel last saw.
         self._who: dict[int, tuple[int | None, str | None]] = {}
         self._entered: deque[tuple[float, int, Entered]] = deque()
+        self._map_entered: list[tuple[float, int, Entered]] = []
+        self._cgroups: dict[int | None, str] = {}
         self._ended: deque[tuple[float, int, Ended]] = deque()
         self._last_events = (0, clock())
 
     def seed(self) -> None:
-        """Track the sockets already in CLOSE_WAIT (ages from now, flagged pre-existing)."""
+        """Track the sockets already in CLOSE_WAIT (ages from now, flagged pre-existing).
+        (With the cw map they are the /proc sockets the map does not have: same result.)"""
+        if self.cw_map:
+            return
         v = self.view
         entries = [e for e in v._snapshot()
                    if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
@@ -240,6 +258,10 @@ class KernelCollector:
     def pump(self, timeout_s: float, wake_fd: int | None = None) -> None:
         """Drain what the kernel sent (waiting up to timeout_s) into the aggregator."""
         decode, feed = schema.decode, self.agg.feed
+        if self.cw_map:
+            for raw in self.source.poll(timeout_s):
+                self._on_map_exit(decode(raw))
+            return
         for raw in self.source.poll(timeout_s):
             ev = decode(raw)
             for rec in feed(ev):
@@ -264,19 +286,93 @@ class KernelCollector:
             pid, comm, hostinfo.cgroup_of(pid), ev["lport"], ev["raddr"], ev["rport"],
             rec["duration_s"], rec["cause"])))
 
+    def _on_map_exit(self, ev: dict) -> None:
+        """A CLOSE_WAIT exit from the kernel (cw map mode): the only event that travels."""
+        from tcpwatch.aggregate import Aggregator
+
+        if ev["kind"] != _KIND_STATE or ev["old"] != CLOSE_WAIT:
+            return
+        if not self.view.wanted(ev["lport"], ev["rport"]):
+            return
+        sk, flags, ts_s = ev["sk"], ev["flags"], ev["ts_ns"] / 1e9
+        duration = None if flags & _F_CW_UNKNOWN else round(ev["cw_ns"] / 1e9, 6)
+        who = self._who.pop(sk, None)
+        if who is None:
+            if flags & (_F_OWNER | _F_OWNER_LISTENER):
+                who = (ev["pid"], ev["comm"])
+            elif flags & _F_ACTOR:
+                who = (ev["actor_pid"], ev["actor_comm"])
+            else:
+                who = (None, None)
+        leaked = duration is not None and duration >= self.agg.leak_after_ns / 1e9
+        cause = ended_cause(Aggregator._outcome(ev), duration, leaked, self.causes.slow_close_s)
+        pid, comm = who
+        cgroup = self._cgroups.get(pid)
+        if cgroup is None:  # one /proc lookup per process per frame, not per exit
+            cgroup = self._cgroups[pid] = hostinfo.cgroup_of(pid)
+        ref = (pid, comm, cgroup, ev["lport"], ev["raddr"], ev["rport"])
+        self._ended.append((ts_s, sk, Ended(*ref, duration, cause)))
+        if duration is not None:
+            self._map_entered.append((ts_s - duration, sk, Entered(*ref)))
+
+    def _map_tracked(self, now_ns: int) -> list:
+        """The sockets in CLOSE_WAIT per the kernel's `cw` map, as Aggregator snapshots."""
+        from tcpwatch.aggregate import CloseWaitSocket, Owner
+
+        v, out = self.view, []
+        addr = schema.addr_text
+        for sk, (ts_ns, _fin, saddr, daddr, pid, tid, netns, family, sport, dport, flags, _pad,
+                 comm) in self.source.read_cw():
+            if not v.wanted(sport, dport):
+                continue
+            owner = None
+            if flags & (_F_OWNER | _F_OWNER_LISTENER):
+                owner = Owner(pid, tid, schema.comm_text(comm),
+                              "socket" if flags & _F_OWNER else "listener")
+            fam = 6 if family == socket.AF_INET6 else 4
+            out.append(CloseWaitSocket(
+                sk, (fam, addr(saddr, family), sport, addr(daddr, family), dport), netns, ts_ns,
+                owner, bool(flags & _F_EOF_READ), now_ns - ts_ns >= self.agg.leak_after_ns,
+                False))
+        return out
+
     def counters(self) -> dict[str, int]:
         return self.source.counters()
 
     def sample(self) -> Sample:
         v = self.view
         now_ns = v.clock()
+        if self.cw_map:
+            self._cgroups.clear()
+            entries, now_s = v.read()
+            tracked = self._map_tracked(now_ns)
+            self._forget_stale(tracked, entries, now_ns)
+            return self._build(entries, now_s, now_ns, tracked)
         self.agg.tick(now_ns)
         entries, now_s = v.read()
+        tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
+        return self._build(entries, now_s, now_ns, tracked)
+
+    def _forget_stale(self, tracked: list, entries: list[TcpEntry], now_ns: int) -> None:
+        """Map entries whose socket /proc no longer shows in CLOSE_WAIT: their exit was never
+        seen (a transition the kernel skipped our program for). Only those older than a
+        second: a younger one may have entered after /proc was read."""
+        in_cw = {_tuple4(e.laddr, e.lport, e.raddr, e.rport) for e in entries
+                 if e.state == CLOSE_WAIT}
+        stale = [s for s in tracked if now_ns - s.since_ns > 1_000_000_000
+                 and _tuple4(s.tuple[1], s.tuple[2], s.tuple[3], s.tuple[4]) not in in_cw]
+        if stale:
+            self.source.forget_cw([s.sk for s in stale])
+            gone = {id(s) for s in stale}
+            tracked[:] = [s for s in tracked if id(s) not in gone]
+
+    def _build(self, entries: list[TcpEntry], now_s: float, now_ns: int,
+               tracked: list) -> Sample:
+        v = self.view
         procs = {}
         for e in entries:
             if e.state == CLOSE_WAIT:
                 procs.setdefault(_tuple4(e.laddr, e.lport, e.raddr, e.rport), []).append(e)
-        tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
         matched = {}
         for s in tracked:
             fam, la, lp, ra, rp = s.tuple
@@ -328,16 +424,28 @@ class KernelCollector:
         _prune(self._entered, now_s - span)
         _prune(self._ended, now_s - span)
         gone = {sk: (e.pid, e.comm) for _, sk, e in self._ended}
+        if self.cw_map:
+            limit = now_s - span
+            self._map_entered = [x for x in self._map_entered if x[0] >= limit]
+            fresh = [(s.since_ns / 1e9, s.sk, Entered(None, None, "", s.tuple[2], s.tuple[3],
+                                                      s.tuple[4]))
+                     for s in tracked if s.since_ns / 1e9 >= limit]
+            window_entries = [*self._map_entered, *fresh]
+        else:
+            window_entries = list(self._entered)
         entered = []
-        for _, sk, e in self._entered:
+        for _, sk, e in window_entries:
             pid, comm = who.get(sk) or gone.get(sk) or (e.pid, e.comm)
             entered.append(Entered(pid, comm, hostinfo.cgroup_of(pid), e.lport, e.raddr,
                                    e.rport))
+        counts = self.counters()
+        # Kernel transitions per second: with the cw map only exits reach us, so the rate is
+        # the kernel's own count of every transition it saw.
+        seen = counts.get("transitions", 0) if self.cw_map else self.agg.events
         events, then = self._last_events
         dt = (now_ns - then) / 1e9
-        rate = (self.agg.events - events) / dt if dt > 0 else 0.0
-        self._last_events = (self.agg.events, now_ns)
-        counts = self.counters()
+        rate = (seen - events) / dt if dt > 0 else 0.0
+        self._last_events = (seen, now_ns)
         self.agg.note_lost(counts.get("lost", 0), now_ns, counts.get("missed", 0))
         lost = self.agg.lost
         host = v.host(entries, now_s, events_per_s=round(rate, 1), lost=lost, hooks=self.hooks,

@@ -259,13 +259,13 @@ def open_collector(window_s: float, ports: tuple[int, ...], leak_after: float,
     try:
         warnings = loader.preflight()
         source = loader.KernelSource(loader.Options(states=(schema.CLOSE_WAIT,),
-                                                    ports=tuple(ports)))
+                                                    ports=tuple(ports), cw_map=True))
         opened = source.open()
     except loader.LoaderError as exc:
         return snapshot(f"kernel programs unavailable: {exc}")
     collector = KernelCollector(
         source, opened.hooks, window_s, ports, leak_after, slow_close,
-        warnings + opened.warnings, mono_to_wall_ns=loader.mono_to_wall_ns(),
+        warnings + opened.warnings, mono_to_wall_ns=loader.mono_to_wall_ns(), cw_map=True,
     )
     try:
         collector.seed()
