@@ -42,6 +42,17 @@ UNTIL_SLACK_S = 60.0  # records are time-ordered to within this; past until+slac
 CW = "CLOSE_WAIT"
 
 
+def check_version(start: dict, name: str, lineno: int, verb: str) -> None:
+    """Refuse a log whose `start` record names a schema version this reader does not know."""
+    v = start.get("v")
+    if v not in SCHEMA_VERSIONS:
+        raise IncompatibleLog(
+            f"{name}:{lineno}: written with NDJSON schema version {v!r}; this tcpwatch "
+            f"reads version {', '.join(map(str, SCHEMA_VERSIONS))}: {verb} it with a "
+            "matching tcpwatch"
+        )
+
+
 class IncompatibleLog(Exception):
     """A log written with a schema version this reader does not know."""
 
@@ -415,13 +426,7 @@ class Analyzer:
     # ---------------------------------------------------------------- records
 
     def _start(self, rec: dict, name: str, lineno: int) -> None:
-        v = rec.get("v")
-        if v not in SCHEMA_VERSIONS:
-            raise IncompatibleLog(
-                f"{name}:{lineno}: written with NDJSON schema version {v!r}; this tcpwatch "
-                f"reads version {', '.join(map(str, SCHEMA_VERSIONS))}: analyse it with a "
-                "matching tcpwatch"
-            )
+        check_version(rec, name, lineno, "analyse")
         host = str(rec.get("hostname") or "")
         ident = (host, rec.get("pid"), rec.get("ts"))
         if ident == self._session_id:

@@ -158,12 +158,10 @@ def run_replay(logs: tuple, at, window: float, leak_after: float | None, slow_cl
 
     leak_after None: the log's own threshold. Problems with the input are warnings (as for
     analyze) unless nothing usable is left; errors are one line (Fatal, exit 1)."""
-    import orjson
-
     from tcpwatch.analyze import inputs
     from tcpwatch.analyze.engine import IncompatibleLog
     from tcpwatch.analyze.timeparse import epoch
-    from tcpwatch.top import replay, view
+    from tcpwatch.top import replay
 
     sources, problems = inputs.expand(list(logs))
     if all(s.path is not None for s in sources):
@@ -198,22 +196,12 @@ def run_replay(logs: tuple, at, window: float, leak_after: float | None, slow_cl
     if by == "cgroup":
         sample.host.warnings.insert(0, "the log has no cgroups (and /proc now is not the "
                                        "log's): every socket is under '?'")
-    sample = filter_sample(sample, keep)
-    rows = build_rows(sample, by, sort)
-    if fmt == "json":
-        frame = view.frame_json(sample, rows, by, sort, None)
-        frame["ephemeral"] = {"used": None, "low": None, "high": None, "size": None}
-        frame["port_risk"] = None  # needs every socket of the host: not in the log
-        if not r.fw2_known:
-            frame["fin_wait2"] = None
-        frame["replay"] = r.info()
-        sys.stdout.buffer.write(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
-        sys.stdout.flush()
-        return
-    tty = sys.stdout.isatty()
-    width = shutil.get_terminal_size().columns if tty else 100
-    sys.stdout.write(view.plain(view.render(sample, rows, by, sort, width=width), width, tty))
-    sys.stdout.flush()
+    replayed = {"ephemeral": {"used": None, "low": None, "high": None, "size": None},
+                "port_risk": None,  # needs every socket of the host: not in the log
+                "replay": r.info()}
+    if not r.fw2_known:
+        replayed["fin_wait2"] = None
+    print_frame(filter_sample(sample, keep), by, sort, fmt, None, replayed)
 
 
 def _nothing_usable(logs: tuple, problems: list[str], r) -> str:
@@ -278,10 +266,6 @@ def open_collector(window_s: float, ports: tuple[int, ...], leak_after: float,
 def run_once(collector, keep, interval: float, fmt: str, by: str, sort: str,
              stop: list) -> None:
     """Collect for `interval` seconds, then print one frame (text or JSON) on stdout."""
-    import orjson
-
-    from tcpwatch.top import view
-
     collector.sample()  # the baseline: first-sight times, event counters
     # Scripts and tests may start their workload once this line is out.
     click.echo(f"tcpwatch top: collecting for {interval:g}s ({collector.mode} mode)", err=True)
@@ -292,11 +276,22 @@ def run_once(collector, keep, interval: float, fmt: str, by: str, sort: str,
             break
         collector.pump(min(left, 0.1))
     collector.pump(0)
-    sample = filter_sample(collector.sample(), keep)
+    print_frame(filter_sample(collector.sample(), keep), by, sort, fmt, interval)
+
+
+def print_frame(sample, by: str, sort: str, fmt: str, interval: float | None,
+                json_extra: dict | None = None) -> None:
+    """One frame on stdout: plain text (terminal width, or 100 columns into a pipe) or one
+    JSON object (json_extra overrides some of its fields)."""
+    import orjson
+
+    from tcpwatch.top import view
+
     rows = build_rows(sample, by, sort)
     if fmt == "json":
-        sys.stdout.buffer.write(orjson.dumps(view.frame_json(sample, rows, by, sort, interval),
-                                             option=orjson.OPT_APPEND_NEWLINE))
+        frame = view.frame_json(sample, rows, by, sort, interval)
+        frame.update(json_extra or {})
+        sys.stdout.buffer.write(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
         sys.stdout.flush()
         return
     tty = sys.stdout.isatty()

@@ -41,11 +41,11 @@ import orjson
 from tcpwatch.analyze import inputs
 from tcpwatch.analyze.engine import (
     CORRUPT_EXAMPLES,
-    SCHEMA_VERSIONS,
     UNTIL_SLACK_S,
     IncompatibleLog,
     _is_json,
     _reason,
+    check_version,
 )
 from tcpwatch.analyze.timeparse import epoch, parse_when, stamp
 from tcpwatch.classify import SLOW_CLOSE_S, ended_cause, stuck_cause
@@ -494,13 +494,7 @@ class Replayer:
         self._keep(s)
 
     def _start(self, rec: dict, ts: str, name: str, lineno: int) -> None:
-        v = rec.get("v")
-        if v not in SCHEMA_VERSIONS:
-            raise IncompatibleLog(
-                f"{name}:{lineno}: written with NDJSON schema version {v!r}; this tcpwatch "
-                f"reads version {', '.join(map(str, SCHEMA_VERSIONS))}: replay it with a "
-                "matching tcpwatch"
-            )
+        check_version(rec, name, lineno, "replay")
         host = str(rec.get("hostname") or "")
         ident = (host, rec.get("pid"), rec.get("ts"))
         if ident == self._run:
