@@ -134,7 +134,9 @@ def main(args: list[str] | None = None) -> None:
 )
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
-    help="Also write NDJSON records to this file (the table stays on screen).",
+    help="Also write NDJSON records to this file. The table stays on screen, showing at most "
+    "50 transitions (and routine CLOSE_WAIT exits) a second and counting the rest; leaks, "
+    "other CLOSE_WAIT exits and lost events always show. The file has every record.",
 )
 @click.option(
     "--leak-after", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEAK_AFTER_S,
@@ -239,7 +241,7 @@ def _rotation_arg(parser: str, param: click.Parameter, value: str | None):
 def _open_sinks(fmt: str, output: str | None, rotate_size: int | None = None,
                 rotate_age: float | None = None, keep: int | None = None) -> list:
     from tcpwatch.sinks.ndjson import NdjsonSink, Rotation, open_ndjson
-    from tcpwatch.sinks.table import TableSink
+    from tcpwatch.sinks.table import ROWS_PER_S, TableSink
 
     sinks: list = []
     if fmt == "ndjson":
@@ -247,7 +249,9 @@ def _open_sinks(fmt: str, output: str | None, rotate_size: int | None = None,
     else:
         tty = sys.stdout.isatty()
         width = min(100, shutil.get_terminal_size().columns) if tty else 100
-        sinks.append(TableSink(sys.stdout, color=tty, width=width))
+        # With -o the file has every record; the screen is for a person (rate-limited).
+        sinks.append(TableSink(sys.stdout, color=tty, width=width,
+                               rows_per_s=ROWS_PER_S if output else None, elsewhere=output))
     if output:
         try:
             sinks.append(open_ndjson(output, rotation=Rotation(rotate_size, rotate_age, keep)))

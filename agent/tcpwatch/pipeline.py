@@ -2,6 +2,9 @@
 
 Independent of bcc: the source is anything with poll() and counters(), so
 tests drive it with recorded or synthetic raw events.
+
+Events take the fast path (fastpath.FastPath: raw bytes straight to NDJSON lines) when the
+sinks allow it, else decode() -> Aggregator.feed() -> records -> every sink's write().
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Callable, Protocol
 
 from tcpwatch import schema
 from tcpwatch.aggregate import Aggregator
+from tcpwatch.fastpath import FastPath
 from tcpwatch.sinks import Sink
 
 
@@ -53,6 +57,7 @@ class TraceLoop:
         keep: Callable[[dict], bool] | None = None,
         poll_s: float = 0.1,
         clock: Callable[[], int] = time.monotonic_ns,
+        fast: bool = True,
     ) -> None:
         self.source = source
         self.agg = aggregator
@@ -61,6 +66,8 @@ class TraceLoop:
         self.poll_s = poll_s
         self.clock = clock
         self.stopping = False
+        # None when a sink or setting needs every record built (see FastPath.build).
+        self.fast = FastPath.build(aggregator, sinks, keep) if fast else None
 
     def stop(self, *_args: object) -> None:
         self.stopping = True
@@ -72,9 +79,13 @@ class TraceLoop:
                     sink.write(rec)
 
     def _drain(self, timeout_s: float) -> None:
+        batch = self.source.poll(timeout_s)
+        if self.fast is not None:
+            self.fast.process(batch)
+            return
         decode = schema.decode
         feed = self.agg.feed
-        for raw in self.source.poll(timeout_s):
+        for raw in batch:
             self.emit(feed(decode(raw)))
 
     def _check_lost(self) -> None:

@@ -231,3 +231,69 @@ def Found(rx_queue: int, inode: int, netns: int = NETNS) -> procnet.TcpEntry:  #
     return procnet.TcpEntry(
         netns, 4, "0.0.0.0", 0, "0.0.0.0", 0, schema.CLOSE_WAIT, 0, rx_queue, 0, inode
     )
+
+
+def churn(connections: int, *, start_s: float = 0.0, sk_pool: int = 512,
+          seed: int = 1) -> list[bytes]:
+    """Raw tw_event bytes of a loopback churn like scripts/churn.c: per connection a client
+    socket (CLOSE>SYN_SENT ... FIN_WAIT2>CLOSE) and a server socket that inherits the
+    listener's owner, goes through CLOSE_WAIT, is claimed by its owner (OWNER event), reads
+    EOF and closes: 10 transitions and 2 socket events, 12 events per connection, about
+    1 us apart. Socket addresses are reused from a pool of `sk_pool`, as the slab does.
+
+    >>> raw = churn(2); len(raw), schema.decode(raw[0])["new"] == schema.STATE_NUMBERS["SYN_SENT"]
+    (24, True)
+    """
+    import random
+
+    rng = random.Random(seed)
+    client, server = Proc(4242, "churn", 4243), Proc(4242, "churn", 4244)
+    c = {n: const(f"TW_F_{n}") for n in ("OWNER", "OWNER_LISTENER", "ACTOR", "EOF_READ")}
+    kind_state, kind_eof, kind_owner = (const(f"TW_KIND_{k}") for k in ("STATE", "EOF", "OWNER"))
+    st = schema.STATE_NUMBERS
+    out: list[bytes] = []
+    ts = at(start_s)
+    for i in range(connections):
+        csk = 0xFFFF888100000000 + rng.randrange(sk_pool) * 0x900
+        ssk = 0xFFFF888200000000 + rng.randrange(sk_pool) * 0x900
+        caddr = f"127.1.0.{1 + i % 32}"
+        cport = 32768 + (i * 7919) % 28000
+        netns = NETNS
+        cl = {"sk": csk, "laddr": caddr, "lport": cport, "raddr": "127.0.0.1", "rport": 17999,
+              "netns": netns, "pid": client.pid, "tid": client.thread, "comm": client.comm}
+        sv = {"sk": ssk, "laddr": "127.0.0.1", "lport": 17999, "raddr": caddr, "rport": cport,
+              "netns": netns, "pid": server.pid, "tid": server.thread, "comm": server.comm}
+        cw_in = 0
+
+        def ev(sock: dict, kind: int, old: int, new: int, fl: int, prev: int, **kw: Any) -> None:
+            nonlocal ts
+            ts += 400 + rng.randrange(1200)
+            out.append(schema.encode({**sock, "kind": kind, "ts_ns": ts, "old": old, "new": new,
+                                      "flags": fl, "prev_ns": prev, **kw}))
+
+        ev({**cl, "lport": 0}, kind_state, st["CLOSE"], st["SYN_SENT"],
+           c["OWNER"] | c["ACTOR"] | const("TW_F_PREV_UNKNOWN"), 0,
+           actor_pid=client.pid, actor_tid=client.thread, actor_comm=client.comm)
+        ev(sv, kind_state, st["LISTEN"], st["SYN_RECV"],
+           c["OWNER_LISTENER"] | const("TW_F_PREV_UNKNOWN"), 0)
+        ev(sv, kind_state, st["SYN_RECV"], st["ESTABLISHED"], c["OWNER_LISTENER"],
+           rng.randrange(20_000))
+        ev(cl, kind_state, st["SYN_SENT"], st["ESTABLISHED"], c["OWNER"], rng.randrange(30_000))
+        ev(cl, kind_state, st["ESTABLISHED"], st["FIN_WAIT1"], c["OWNER"] | c["ACTOR"],
+           rng.randrange(5_000), actor_pid=client.pid, actor_tid=client.thread,
+           actor_comm=client.comm, outcome=1)
+        ev(sv, kind_state, st["ESTABLISHED"], st["CLOSE_WAIT"], c["OWNER_LISTENER"],
+           rng.randrange(40_000))
+        cw_in = ts
+        ev(cl, kind_state, st["FIN_WAIT1"], st["FIN_WAIT2"], c["OWNER"], rng.randrange(9_000))
+        ev(sv, kind_owner, st["CLOSE_WAIT"], st["CLOSE_WAIT"], c["OWNER"], 0)
+        ev(sv, kind_eof, st["CLOSE_WAIT"], st["CLOSE_WAIT"], c["OWNER"] | c["EOF_READ"], 0,
+           fin_read_ns=ts + 900)
+        ev(sv, kind_state, st["CLOSE_WAIT"], st["LAST_ACK"],
+           c["OWNER"] | c["ACTOR"] | c["EOF_READ"], rng.randrange(50_000),
+           cw_ns=ts + 1000 - cw_in, actor_pid=server.pid, actor_tid=server.thread,
+           actor_comm=server.comm, outcome=1, fin_read_ns=cw_in + 500)
+        ev(cl, kind_state, st["FIN_WAIT2"], st["CLOSE"], c["OWNER"], rng.randrange(20_000))
+        ev(sv, kind_state, st["LAST_ACK"], st["CLOSE"], c["OWNER"] | c["EOF_READ"],
+           rng.randrange(20_000), fin_read_ns=cw_in + 500)
+    return out

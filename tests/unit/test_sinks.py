@@ -359,3 +359,111 @@ def test_golden_stream_uses_real_times():
     """Guard for the scenario itself: T0 is 05:13:00 UTC and ticks run each second."""
     assert START["ts"] == "2026-11-21T05:13:00.000000Z"
     assert at(1) - T0 == SEC
+
+
+# ------------------------------------------------------------ table with -o (rate-limited)
+
+
+def limited_table(rows: int = 2):
+    now = [0.0]
+    out = io.StringIO()
+    sink = TableSink(out, color=False, clock=lambda: now[0], rows_per_s=rows,
+                     elsewhere="/var/log/t.ndjson", wall=lambda: 1795237980.0 + now[0])
+    return sink, out, now
+
+
+def test_table_with_output_file_limits_transitions_and_routine_closes():
+    records = golden_records()
+    states = [r for r in records if r["event"] == "state"]
+    closes = [r for r in records if r["event"] == "close_wait"]
+    routine = [r for r in closes if r["cause"] == "closed"]
+    other = [r for r in closes if r["cause"] != "closed"]
+    leaks = [r for r in records if r["event"] in ("leak", "existing", "lost")]
+    assert routine and other and leaks
+    sink, out, now = limited_table(rows=2)
+    for rec in states + routine + other + leaks:
+        sink.write(rec)
+    text = out.getvalue()
+    assert len(re.findall(r"[A-Z_2]+>[A-Z_2]+", text)) == 2  # the room of this second
+    for rec in other:  # slow closes, resets, exits: always
+        assert f"CW {rec['cause']}" in text
+    assert text.count("LEAK") == 3 and text.count("EXISTING") == 2 and "LOST 3" in text
+    assert "not shown" not in text  # said once the second is over
+    now[0] = 1.0
+    sink.maybe_flush()
+    hidden = len(states) - 2 + len(routine)
+    last = out.getvalue().splitlines()[-1]
+    assert last == (f"05:13:01 ... {len(states) - 2} transitions and {len(routine)} routine "
+                    "CLOSE_WAIT exits not shown (all in /var/log/t.ndjson)")
+    assert hidden > 0
+    sink.write(states[0])  # a new second: room again
+    assert out.getvalue().splitlines()[-1].endswith("SYN_RECV>ESTAB")
+
+
+def test_table_limit_counts_what_the_fast_path_did_not_hand_over():
+    sink, out, now = limited_table(rows=3)
+    assert sink.limited and sink.state_room() == 3
+    sink.write(golden_records()[3])
+    assert sink.state_room() == 2
+    sink.not_shown(1000, 7)
+    sink.write({"event": "summary", "events": 1010, "leaks": 0, "lost": 0, "close_waits": 7,
+                "elapsed_s": 0.5})
+    lines = out.getvalue().splitlines()
+    assert lines[-2].endswith("... 1000 transitions and 7 routine CLOSE_WAIT exits not shown "
+                              "(all in /var/log/t.ndjson)")  # before the summary, not lost
+    assert lines[-1].startswith("1010 events")
+    now[0] = 5.0
+    assert sink.state_room() == 3 and out.getvalue().splitlines()[-1].startswith("1010 events")
+
+
+def test_table_without_output_file_is_unlimited():
+    sink = TableSink(io.StringIO(), color=False)
+    assert not sink.limited and sink.state_room() >= 10**9
+    assert len(re.findall(r"[A-Z_2]+>[A-Z_2]+", render_table(golden_records()))) == 16
+
+
+def test_table_clean_fast_path_keeps_its_rules():
+    assert table.clean("ünï\tx") == "?n??x" and table.clean("ok 1") == "ok 1"
+    assert table.clean(7) == "7" and table.clean("\x7f") == "?"
+
+
+def test_log_file_write_lines_rotates_between_lines_like_write(tmp_path):
+    lines = [orjson.dumps({"event": "state", "seq": i, "pad": "x" * (i % 37)}) + b"\n"
+             for i in range(400)]
+    header = {"event": "start", "ts": "2026-11-21T05:13:00.000000Z", "v": 1}
+    made = []
+    for name, by_chunk in (("a", False), ("b", True)):
+        path = tmp_path / name / "t.ndjson"
+        path.parent.mkdir()
+        log = ndjson.LogFile(str(path), rotation=ndjson.Rotation(size=2000, compress=False),
+                             wall=iter(range(1_000_000, 2_000_000)).__next__)
+        log.write(header)
+        for i in range(0, len(lines), 37):
+            chunk = lines[i:i + 37]
+            if by_chunk:
+                log.write_lines(b"".join(chunk), len(chunk))
+            else:
+                for line in chunk:
+                    log.write(orjson.loads(line))
+        log.close()
+        made.append([Path(p).read_bytes() for p in ndjson.rotated_files(str(path))]
+                    + [path.read_bytes()])
+    assert made[0] == made[1] and len(made[0]) > 5
+
+
+def test_log_file_counts_unwritten_lines_of_chunks():
+    log = ndjson.LogFile("/dev/full", warn=lambda m: None)
+    log.write_lines(b'{"a":1}\n{"a":2}\n{"a":3}\n', 3)
+    log.flush()
+    log.write_lines(b'{"a":4}\n', 1)
+    log.close()
+    assert log.unwritten == 4
+
+
+def test_ndjson_sink_write_lines():
+    buf = io.BytesIO()
+    sink = NdjsonSink(buf)
+    sink.write({"event": "start"})
+    sink.write_lines(b'{"event":"state"}\n{"event":"state"}\n', 2)
+    sink.close()
+    assert buf.getvalue() == b'{"event":"start"}\n{"event":"state"}\n{"event":"state"}\n'

@@ -67,6 +67,12 @@ class NdjsonSink(BufferedSink):
         self._stream.write(orjson.dumps(record, option=_DUMPS_OPT))
         self._timer.wrote()
 
+    def write_lines(self, data: bytes, count: int) -> None:
+        """`count` records already serialised as whole NDJSON lines (the trace's fast path:
+        `state` and `close_wait` records, never `start` or `summary`)."""
+        self._stream.write(data)
+        self._timer.wrote()
+
     def request_reopen(self) -> None:
         """Nothing to reopen on a stream (stdout); see LogFile.request_reopen."""
 
@@ -276,6 +282,27 @@ class LogFile(NdjsonSink):
             self._rotate()
         self._append(line)
 
+    def write_lines(self, data: bytes, count: int) -> None:
+        """`count` records already serialised as whole NDJSON lines (the trace's fast path:
+        `state` and `close_wait` records, never `start` or `summary`), buffered as one piece
+        unless a size rotation falls among them."""
+        size = self.rotation.size
+        if size is not None and self._regular and (
+            self._file_bytes + self._buf_bytes + len(data) > size
+        ):  # a rotation may fall among these lines: line by line, as write() does
+            for line in data.split(b"\n")[:-1]:
+                line += b"\n"
+                if self._due_for_size(len(line)):
+                    self._rotate()
+                self._append(line)
+            return
+        self._buf.append(data)
+        self._buf_bytes += len(data)
+        self._file_records += count
+        self._timer.wrote()
+        if self._buf_bytes >= BUFFER_BYTES:
+            self._write_out()
+
     def _append(self, line: bytes) -> None:
         self._buf.append(line)
         self._buf_bytes += len(line)
@@ -308,14 +335,14 @@ class LogFile(NdjsonSink):
     def _write_out(self) -> None:
         """Write the buffer with os.write(); on failure keep whole lines only, count the rest."""
         if self._fd is None and not self._try_reopen():
-            self._drop(len(self._buf))
+            # A buffered piece may hold many lines (write_lines): count lines, not pieces.
+            self._drop(sum(piece.count(b"\n") for piece in self._buf))
             self._buf.clear()
             self._buf_bytes = 0
             return
         if not self._buf:
             return
-        lines = len(self._buf)
-        data = b"".join(self._buf) if lines > 1 else self._buf[0]
+        data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
         self._buf.clear()
         self._buf_bytes = 0
         view = memoryview(data)
@@ -329,7 +356,7 @@ class LogFile(NdjsonSink):
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._file_bytes + whole)
             self._file_bytes += whole
-            self._drop(lines - data.count(b"\n", 0, whole))
+            self._drop(data.count(b"\n", whole))  # the lines that did not make it
             self._failed(exc)
             return
         self._file_bytes += done

@@ -16,6 +16,7 @@ TIME_UTC     PID COMM         LOCAL                 REMOTE                   DUR
 
 from __future__ import annotations
 
+import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -23,12 +24,16 @@ from typing import NamedTuple, TextIO
 
 import click
 
+from tcpwatch.classify import ended_cause
 from tcpwatch.sinks import BufferedSink, FlushTimer
 
 MAX_WIDTH = 100
 MIN_LAYOUT_WIDTH = 70  # narrower: laid out for 70, and the end of each line is cut
 # "05:13:00"; pid_max 4194304; "12m05s"
 TIME_W, PID_W, DUR_W = 8, 7, 6
+# With -o the log has every record and the table is for a person: at most this many
+# transition rows (and routine close_wait rows) a second; the rest are counted once a second.
+ROWS_PER_S = 50
 
 
 class Columns(NamedTuple):
@@ -94,7 +99,10 @@ def clean(text: object) -> str:
     """
     if text is None:
         return "-"
-    return "".join(c if " " <= c <= "~" else "?" for c in str(text))
+    text = str(text)
+    if text.isascii() and text.isprintable():  # the usual case, checked in C
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def _elide(addr: str, room: int) -> str:
@@ -176,6 +184,12 @@ class TableSink(BufferedSink):
     color: leaks in bold red, pre-existing CLOSE_WAIT and lost events in yellow (click.style).
     width: the terminal width; capped at 100. Nothing is drawn for records it does not know.
 
+    rows_per_s (with `trace -o`, where the log file has everything): show at most this many
+    rows a second of transitions and of routine CLOSE_WAIT exits (cause `closed`, not
+    leaked); the others are counted and said once a second ("... 1234 transitions not
+    shown (all in `elsewhere`)"). Leaks, other CLOSE_WAIT exits, existing, lost, start and
+    summary always show. Without it, every record is shown.
+
     >>> import io; out = io.StringIO()
     >>> TableSink(out, color=False).write({"event": "summary", "events": 9, "leaks": 1,
     ...     "lost": 0, "close_waits": 2, "elapsed_s": 31.0})
@@ -191,6 +205,9 @@ class TableSink(BufferedSink):
         *,
         flush_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        rows_per_s: int | None = None,
+        elsewhere: str | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._stream = stream
         self._color = color
@@ -198,6 +215,17 @@ class TableSink(BufferedSink):
         self._cols = columns(self.width)
         self._timer = FlushTimer(flush_interval_s, clock)
         self._header_done = False
+        # Rate limit (rows_per_s): rows left in the current one-second window, and what was
+        # not shown in it (transitions, routine closes).
+        self.limited = rows_per_s is not None
+        self._limit = rows_per_s or 0
+        self._clock = clock
+        self._wall = wall
+        self._elsewhere = elsewhere
+        self._window_end = clock() + 1.0
+        self._room = self._limit
+        self._hidden_states = 0
+        self._hidden_closes = 0
         self._render = {
             "start": self._start,
             "state": self._state,
@@ -211,12 +239,59 @@ class TableSink(BufferedSink):
     # ------------------------------------------------------------- plumbing
 
     def write(self, record: dict) -> None:
-        render = self._render.get(record.get("event"))
-        if render is not None:
-            render(record)
+        event = record.get("event")
+        render = self._render.get(event)
+        if render is None:
+            return
+        if self.limited and (
+            event == "state" or (event == "close_wait" and routine_close(record))
+        ):
+            if self._room <= 0:
+                self.not_shown(*((1, 0) if event == "state" else (0, 1)))
+                return
+            self._room -= 1
+        render(record)
+
+    def state_room(self, now: float | None = None) -> int:
+        """How many more transition or routine-close rows this second shows (the trace's fast
+        path builds records only for those); unlimited without rows_per_s."""
+        if not self.limited:
+            return sys.maxsize
+        self._roll(self._clock() if now is None else now)
+        return self._room
+
+    def not_shown(self, states: int, closes: int = 0) -> None:
+        """Rows the caller did not hand over because state_room() said there was no room."""
+        self._hidden_states += states
+        self._hidden_closes += closes
+
+    def maybe_flush(self, now: float | None = None) -> None:
+        if self.limited:
+            self._roll(self._clock() if now is None else now)
+        super().maybe_flush(now)
 
     def close(self) -> None:
+        self._report_hidden()
         self.flush()  # never closes the stream: it is the terminal, owned by the caller
+
+    def _roll(self, now: float) -> None:
+        if now >= self._window_end:
+            self._report_hidden()
+            self._window_end = now + 1.0
+            self._room = self._limit
+
+    def _report_hidden(self) -> None:
+        states, closes = self._hidden_states, self._hidden_closes
+        if not (states or closes):
+            return
+        self._hidden_states = self._hidden_closes = 0
+        what = [f"{states} transitions"] if states else []
+        if closes:
+            what.append(f"{closes} routine CLOSE_WAIT exits")
+        where = f" (all in {clean(self._elsewhere)})" if self._elsewhere else ""
+        self._ensure_header()
+        stamp = time.strftime("%H:%M:%S", time.gmtime(self._wall()))
+        self._emit(f"{stamp:<{TIME_W}} ... {' and '.join(what)} not shown{where}", dim=True)
 
     def _emit(self, line: str, **style: object) -> None:
         line = line[: self.width].rstrip()  # measured before styling: escapes take no columns
@@ -306,6 +381,7 @@ class TableSink(BufferedSink):
             self._emit(line, **style)
 
     def _summary(self, rec: dict) -> None:
+        self._report_hidden()
         bad = rec["leaks"] or rec["lost"]
         self._emit(
             f"{rec['events']} events, {rec['leaks']} leaks, {rec['lost']} lost "
@@ -314,6 +390,21 @@ class TableSink(BufferedSink):
             bold=True,
             fg="red" if bad else None,
         )
+
+
+def routine_close(rec: dict) -> bool:
+    """A `close_wait` record of a healthy close: cause `closed` (close() soon after the FIN),
+    never leaked. With `trace -o` these are rate-limited on screen like transitions.
+
+    >>> routine_close({"cause": "closed", "leaked": False}), routine_close({"cause": "reset"})
+    (True, False)
+    """
+    if rec.get("leaked"):
+        return False
+    cause = rec.get("cause")
+    if cause is None:
+        cause = ended_cause(rec.get("outcome") or "unknown", rec.get("duration_s"))
+    return cause == "closed"
 
 
 def _clock(rec: dict) -> str:
