@@ -276,26 +276,7 @@ class Analyzer:
         return self.finish()
 
     def read(self, src: inputs.Source) -> None:
-        try:
-            stream = inputs.open_source(src)
-        except inputs.InputError as exc:
-            self.notes.append(str(exc))
-            return
-        self.files.append(src.name)
-        nextline = 1
-        try:
-            for lineno, lines, unterminated in inputs.batches(stream):
-                nextline = lineno + len(lines)
-                if self.feed_lines(src.name, lineno, lines, unterminated):
-                    break
-        except inputs.DECOMPRESS_ERRORS as exc:
-            self._bad(src.name, nextline, f"compressed data cut short or damaged ({exc}); "
-                      "the lines before were read")
-        except OSError as exc:
-            self.notes.append(f"cannot read {src.name}: {exc.strerror or exc}")
-        finally:
-            if src.path is not None:
-                stream.close()
+        inputs.feed_source(src, self.feed_lines, self._bad, self.notes, self.files)
 
     def feed_lines(self, name: str, first: int, lines: list[bytes], unterminated: bool) -> bool:
         """Analyse one batch; True when reading this input can stop (past --until)."""

@@ -18,7 +18,7 @@ import io
 import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 import orjson
@@ -227,3 +227,33 @@ def order_key(src: Source) -> tuple[str, int, str]:
         return ("", 0, src.name)
     ts, part = rec.get("ts"), rec.get("part", 1)
     return (ts if isinstance(ts, str) else "", part if isinstance(part, int) else 0, src.name)
+
+
+def feed_source(src: Source, feed_lines: Callable[[str, int, list[bytes], bool], bool],
+                bad: Callable[[str, int, str], None], notes: list[str],
+                files: list[str]) -> bool:
+    """Open one source and hand its lines, in batches, to feed_lines(name, first line number,
+    lines, last one unterminated) until that returns True (the reader is done: True is
+    returned). A source that cannot be opened or read goes to `notes`; damaged compressed
+    data is one bad line (`bad`) after the lines read before it. Nothing is raised."""
+    try:
+        stream = open_source(src)
+    except InputError as exc:
+        notes.append(str(exc))
+        return False
+    files.append(src.name)
+    nextline = 1
+    try:
+        for lineno, lines, unterminated in batches(stream):
+            nextline = lineno + len(lines)
+            if feed_lines(src.name, lineno, lines, unterminated):
+                return True
+    except DECOMPRESS_ERRORS as exc:
+        bad(src.name, nextline, f"compressed data cut short or damaged ({exc}); "
+            "the lines before were read")
+    except OSError as exc:
+        notes.append(f"cannot read {src.name}: {exc.strerror or exc}")
+    finally:
+        if src.path is not None:
+            stream.close()
+    return False

@@ -279,27 +279,7 @@ class Replayer:
 
     def read(self, src: inputs.Source) -> bool:
         """Read one source; True when it was left unfinished (past T)."""
-        try:
-            stream = inputs.open_source(src)
-        except inputs.InputError as exc:
-            self.notes.append(str(exc))
-            return False
-        self.files.append(src.name)
-        nextline = 1
-        try:
-            for lineno, lines, unterminated in inputs.batches(stream):
-                nextline = lineno + len(lines)
-                if self.feed_lines(src.name, lineno, lines, unterminated):
-                    return True
-        except inputs.DECOMPRESS_ERRORS as exc:
-            self._bad(src.name, nextline, f"compressed data cut short or damaged ({exc}); "
-                      "the lines before were read")
-        except OSError as exc:
-            self.notes.append(f"cannot read {src.name}: {exc.strerror or exc}")
-        finally:
-            if src.path is not None:
-                stream.close()
-        return False
+        return inputs.feed_source(src, self.feed_lines, self._bad, self.notes, self.files)
 
     def feed_lines(self, name: str, first: int, lines: list[bytes], unterminated: bool) -> bool:
         """One batch of lines (the first is line `first` of `name`); True when past T.
