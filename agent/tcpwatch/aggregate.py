@@ -127,6 +127,17 @@ class _Tracked:
         return _match_key(self.laddr, self.lport, self.raddr, self.rport)
 
 
+def outcome_name(outcome: int, new: int) -> str:
+    """schema.OUTCOMES name of a CLOSE_WAIT exit, "unknown" without a verdict; but CLOSE_WAIT
+    -> LAST_ACK without one still means "closed": only close() or shutdown() send our FIN."""
+    name = schema.OUTCOMES.get(outcome)
+    if name is not None:
+        return name
+    if outcome == 0 and new == LAST_ACK:
+        return "closed"
+    return "unknown"
+
+
 def _secs(ns: int) -> float:
     """Nanoseconds -> seconds rounded to 6 decimals: _secs(1_500_000_123) == 1.5."""
     return round(ns / 1e9, 6)
@@ -442,7 +453,7 @@ class Aggregator:
         rec["duration_s"] = duration
         rec["since"] = None if since_ns is None else self._ts(since_ns)
         rec["new"] = schema.state_name(ev["new"])
-        rec["outcome"] = self._outcome(ev)
+        rec["outcome"] = outcome_name(ev["outcome"], ev["new"])
         rec["closer_pid"] = ev["actor_pid"] if actor else None
         rec["closer_tid"] = ev["actor_tid"] if actor else None
         rec["closer_comm"] = ev["actor_comm"] if actor else None
@@ -467,16 +478,6 @@ class Aggregator:
             return (ev["actor_pid"], ev["actor_tid"], ev["actor_comm"])
         return (None, None, None)
 
-    @staticmethod
-    def _outcome(ev: dict) -> str:
-        """schema.OUTCOMES name, "unknown" without a verdict; but CLOSE_WAIT -> LAST_ACK
-        without one still means "closed": only close() or shutdown() send our FIN."""
-        name = schema.OUTCOMES.get(ev["outcome"])
-        if name is not None:
-            return name
-        if ev["outcome"] == 0 and ev["new"] == LAST_ACK:
-            return "closed"
-        return "unknown"
 
     # ------------------------------------------------------------------ leaks
 

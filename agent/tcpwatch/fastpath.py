@@ -40,8 +40,8 @@ from typing import Any
 import orjson
 
 from tcpwatch import schema
-from tcpwatch.aggregate import Aggregator, Owner, _match_key, _Tracked
-from tcpwatch.classify import SLOW_CLOSE_S
+from tcpwatch.aggregate import Aggregator, Owner, _match_key, _Tracked, outcome_name
+from tcpwatch.classify import SLOW_CLOSE_S, ended_cause
 
 # The fields the fast path reads for every event, and those it reads only when a socket
 # leaves CLOSE_WAIT; each tuple in the order of struct tw_event (checked when building: with
@@ -366,20 +366,15 @@ class FastPath:
                 who = self._who_of(apid, atid, self._comm_text(acomm))
             else:
                 who = _NULL_WHO
-        name = schema.OUTCOMES.get(outcome)
-        if name is None:
-            name = "closed" if outcome == 0 and new == _LAST_ACK else "unknown"
+        name = outcome_name(outcome, new)
         if flags & f_actor:
             closer = self._closers.get((apid, atid, acomm)) or self._closer(apid, atid, acomm)
         else:
             closer = _NULL_CLOSER
         leaked = t.leaked
         causes = agg.causes
-        cause = _ENDED.get(name, "unknown")
-        if cause == "closed" and (
-            leaked or duration > (causes.slow_close_s if causes else SLOW_CLOSE_S)
-        ):
-            cause = "slow_close"
+        cause = ended_cause(name, duration, leaked,
+                            causes.slow_close_s if causes else SLOW_CLOSE_S)
         base, _, date = self._second
         ds = since_ns - base
         since = (f"{date}.{_DIGITS3[ds // 1000000]}{_DIGITS3[ds // 1000 % 1000]}Z"
@@ -483,6 +478,3 @@ class FastPath:
         return text
 
 
-_LAST_ACK = schema.STATE_NUMBERS["LAST_ACK"]
-_ENDED = {"closed": "closed", "shutdown": "shutdown", "reset": "reset", "exit": "exited",
-          "error": "error"}  # classify.ended_cause, inlined

@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from tcpwatch import procnet, schema
+from tcpwatch.aggregate import outcome_name
 from tcpwatch.classify import Causes, ended_cause, stuck_cause
 from tcpwatch.procnet import TcpEntry, canonical
 from tcpwatch.timefmt import rfc3339
@@ -43,6 +44,16 @@ HoldersOf = Callable[[Iterable[int]], dict]  # procnet.holders_of()
 
 def _tuple4(laddr: str, lport: int, raddr: str, rport: int) -> tuple:
     return (canonical(laddr), lport, canonical(raddr), rport)
+
+
+def _close_wait_by_tuple(entries: Iterable[TcpEntry]) -> dict[tuple, list[TcpEntry]]:
+    """The /proc sockets in CLOSE_WAIT by (laddr, lport, raddr, rport); one key may hold
+    several (the same 4-tuple in different network namespaces)."""
+    out: dict[tuple, list[TcpEntry]] = {}
+    for e in entries:
+        if e.state == CLOSE_WAIT:
+            out.setdefault(_tuple4(e.laddr, e.lport, e.raddr, e.rport), []).append(e)
+    return out
 
 
 def listener_inodes(entries: Iterable[TcpEntry]) -> dict[tuple[int, int, str], int]:
@@ -288,8 +299,6 @@ class KernelCollector:
 
     def _on_map_exit(self, ev: dict) -> None:
         """A CLOSE_WAIT exit from the kernel (cw map mode): the only event that travels."""
-        from tcpwatch.aggregate import Aggregator
-
         if ev["kind"] != _KIND_STATE or ev["old"] != CLOSE_WAIT:
             return
         if not self.view.wanted(ev["lport"], ev["rport"]):
@@ -305,7 +314,8 @@ class KernelCollector:
             else:
                 who = (None, None)
         leaked = duration is not None and duration >= self.agg.leak_after_ns / 1e9
-        cause = ended_cause(Aggregator._outcome(ev), duration, leaked, self.causes.slow_close_s)
+        cause = ended_cause(outcome_name(ev["outcome"], ev["new"]), duration, leaked,
+                            self.causes.slow_close_s)
         pid, comm = who
         cgroup = self._cgroups.get(pid)
         if cgroup is None:  # one /proc lookup per process per frame, not per exit
@@ -345,34 +355,30 @@ class KernelCollector:
         if self.cw_map:
             self._cgroups.clear()
             entries, now_s = v.read()
+            procs = _close_wait_by_tuple(entries)
             tracked = self._map_tracked(now_ns)
-            self._forget_stale(tracked, entries, now_ns)
-            return self._build(entries, now_s, now_ns, tracked)
+            self._forget_stale(tracked, procs, now_ns)
+            return self._build(entries, procs, now_s, now_ns, tracked)
         self.agg.tick(now_ns)
         entries, now_s = v.read()
         tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
-        return self._build(entries, now_s, now_ns, tracked)
+        return self._build(entries, _close_wait_by_tuple(entries), now_s, now_ns, tracked)
 
-    def _forget_stale(self, tracked: list, entries: list[TcpEntry], now_ns: int) -> None:
+    def _forget_stale(self, tracked: list, procs: dict, now_ns: int) -> None:
         """Map entries whose socket /proc no longer shows in CLOSE_WAIT: their exit was never
         seen (a transition the kernel skipped our program for). Only those older than a
         second: a younger one may have entered after /proc was read."""
-        in_cw = {_tuple4(e.laddr, e.lport, e.raddr, e.rport) for e in entries
-                 if e.state == CLOSE_WAIT}
         stale = [s for s in tracked if now_ns - s.since_ns > 1_000_000_000
-                 and _tuple4(s.tuple[1], s.tuple[2], s.tuple[3], s.tuple[4]) not in in_cw]
+                 and _tuple4(s.tuple[1], s.tuple[2], s.tuple[3], s.tuple[4]) not in procs]
         if stale:
             self.source.forget_cw([s.sk for s in stale])
             gone = {id(s) for s in stale}
             tracked[:] = [s for s in tracked if id(s) not in gone]
 
-    def _build(self, entries: list[TcpEntry], now_s: float, now_ns: int,
+    def _build(self, entries: list[TcpEntry], procs: dict, now_s: float, now_ns: int,
                tracked: list) -> Sample:
+        """procs: _close_wait_by_tuple(entries)."""
         v = self.view
-        procs = {}
-        for e in entries:
-            if e.state == CLOSE_WAIT:
-                procs.setdefault(_tuple4(e.laddr, e.lport, e.raddr, e.rport), []).append(e)
         matched = {}
         for s in tracked:
             fam, la, lp, ra, rp = s.tuple
