@@ -86,7 +86,7 @@ class _Tracked:
     __slots__ = (
         "sk", "family", "laddr", "lport", "raddr", "rport", "netns", "since_ns",
         "owner", "holder", "eof_read", "leaked", "preexisting", "rx_queue", "inode",
-        "fin_raw",
+        "fin_raw", "resolving",
     )
 
     def __init__(
@@ -118,6 +118,7 @@ class _Tracked:
         self.rx_queue: int | None = None  # last known, from /proc (seed) for pre-existing ones
         self.inode: int | None = None
         self.fin_raw: int | None = None  # /proc's raw rx_queue (FIN included), for the cause
+        self.resolving = False  # due: its holders are being looked up (take_due/leak_records)
 
     def key(self) -> tuple:
         """The resolver's key: (netns, family, laddr, lport, raddr, rport)."""
@@ -239,6 +240,11 @@ class Aggregator:
         self.lost = 0
         self.missed = 0
 
+    @property
+    def resolve_fn(self) -> Resolve | None:
+        """The resolve callable given at construction (None: leaks name the kernel's owner)."""
+        return self._resolve
+
     # ----------------------------------------------------------------- events
 
     def feed(self, ev: dict) -> list[dict]:
@@ -265,6 +271,10 @@ class Aggregator:
         if old == CLOSE_WAIT:
             if tracked is None:
                 tracked = self._bind(ev)
+            if tracked is not None and tracked.resolving:
+                # Due, its holders still being looked up: it leaked, and that comes first.
+                tracked.resolving = False
+                out.insert(0, self._leak_record(tracked, None, ev["ts_ns"]))
             out.append(self._close_wait_record(ev, tracked))
             self.close_waits += 1
             if tracked is not None:
@@ -486,6 +496,24 @@ class Aggregator:
 
         Looks only at the oldest pending sockets, and calls resolve() once with all of them.
         If resolve() raises, nothing is consumed: the next tick tries again.
+        (take_due() and leak_records() are the same in two steps, for a caller that
+        resolves elsewhere, e.g. on another thread.)
+        """
+        due = self.take_due(now_mono_ns)
+        if not due:
+            return []
+        try:
+            found = self._resolve(self.keys(due)) if self._resolve else {}
+        except BaseException:
+            self.requeue(due)
+            raise
+        return self.leak_records(due, found, now_mono_ns)
+
+    def take_due(self, now_mono_ns: int) -> list[_Tracked]:
+        """The sockets whose age reached leak_after_s, taken out of the pending ones.
+
+        Until leak_records() reports them they are `resolving`: if one leaves CLOSE_WAIT
+        meanwhile, its leak record comes at once, before its close_wait record.
         """
         if self._start_ns is None:
             self._start_ns = now_mono_ns
@@ -495,12 +523,36 @@ class Aggregator:
             if tracked.since_ns > limit:
                 break
             due.append(tracked)
-        if not due:
-            return []
-        found = self._resolve(list(dict.fromkeys(t.key() for t in due))) if self._resolve else {}
         for tracked in due:
             del self._pending[tracked]
-        return [self._leak_record(t, found.get(t.key()), now_mono_ns) for t in due]
+            tracked.resolving = True
+        return due
+
+    @staticmethod
+    def keys(due: list[_Tracked]) -> list[tuple]:
+        """The resolver's keys for sockets from take_due(), each once."""
+        return list(dict.fromkeys(t.key() for t in due))
+
+    def requeue(self, due: list[_Tracked]) -> None:
+        """Sockets from take_due() whose lookup failed: due again at the next take_due()."""
+        back = [t for t in due if t.resolving]
+        for t in back:
+            t.resolving = False
+        if back:
+            rest = list(self._pending)
+            self._pending.clear()
+            for t in [*back, *rest]:
+                self._pending[t] = None
+
+    def leak_records(self, due: list[_Tracked], found: dict, now_mono_ns: int) -> list[dict]:
+        """`leak` records for sockets from take_due(), with what resolve() found for their
+        keys; those that left CLOSE_WAIT meanwhile were reported already and are skipped."""
+        out = []
+        for t in due:
+            if t.resolving:
+                t.resolving = False
+                out.append(self._leak_record(t, found.get(t.key()), now_mono_ns))
+        return out
 
     def _leak_record(self, t: _Tracked, hit: tuple | None, now_ns: int) -> dict:
         entry, holders = hit if hit is not None else (None, [])

@@ -277,7 +277,8 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
         symbolize=source.symbolize if stacks else None,
         causes=Causes.from_hooks(opened.hooks),
     )
-    loop = TraceLoop(source, agg, sinks, keep=pid_filter(pids) if pids else None)
+    loop = TraceLoop(source, agg, sinks, keep=pid_filter(pids) if pids else None,
+                     background_resolve=True)
     now = time.monotonic_ns()
     start = {
         "event": "start",

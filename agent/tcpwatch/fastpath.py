@@ -256,7 +256,7 @@ class FastPath:
                 continue
             t = get(sk)
             if old == cw_state:
-                if t is None or new == cw_state or t.preexisting:
+                if t is None or new == cw_state or t.preexisting or t.resolving:
                     self._general(raw, lines)
                     general += 1
                     continue

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import orjson
-from streams import WALL_OFFSET_NS, Proc, at, life, step
+from streams import WALL_OFFSET_NS, FakeResolver, Found, Holder, Proc, at, life, merge, step
 
 from tcpwatch import schema
 from tcpwatch.aggregate import Aggregator
@@ -101,3 +102,129 @@ def test_pid_filter_keeps_records_about_the_pid_as_owner_holder_or_closer():
     assert recs[-1]["event"] == "summary"
     assert keep({"event": "leak", "pid": None, "holders": [{"pid": 900}]})
     assert keep({"event": "close_wait", "pid": 812, "closer_pid": 900})
+
+
+# ------------------------------------------------------------- leak lookups off the loop
+
+
+class GatedResolver:
+    """A resolver that blocks until released, as a /proc scan of a big host takes seconds."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.fake = FakeResolver({("10.0.0.1", 8080, "10.0.0.2", 51234):
+                                  (Found(1, 777), [Holder(812, "server", 5)])})
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.fail_first = fail_first
+
+    def resolve(self, keys):
+        self.started.set()
+        assert self.release.wait(5)
+        if self.fail_first:
+            self.fail_first = False
+            raise OSError("proc went away")
+        return self.fake.resolve(keys)
+
+
+def background_loop(batches, resolver, fast=True):
+    now = [at(0)]
+    out = io.BytesIO()
+    sink = NdjsonSink(out)
+    agg = Aggregator(leak_after_s=1.0, mono_to_wall_ns=WALL_OFFSET_NS, start_mono_ns=at(0),
+                     resolve=resolver.resolve)
+    source = RecordedSource(batches, [0])
+    loop = TraceLoop(source, agg, [sink], clock=lambda: now[0], fast=fast,
+                     background_resolve=True)
+
+    def records():
+        sink.flush()
+        return [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+    return loop, now, records
+
+
+def test_a_slow_lookup_does_not_stop_draining_and_the_leak_comes_when_it_is_done():
+    resolver = GatedResolver()
+    later = life(0xC3, [step(2.0, "CLOSE", "SYN_SENT", owner=CLIENT, actor=CLIENT)], lport=41000)
+    loop, now, records = background_loop([raw(leaking_server())], resolver)
+    loop._drain(0)
+    now[0] = at(1.5)
+    loop._leaks(now[0])  # due: handed to the worker, which blocks
+    assert resolver.started.wait(5)
+    loop.source.batches.append(raw(later))
+    loop._drain(0)  # the loop goes on draining meanwhile
+    assert [r["event"] for r in records()].count("state") == 4
+    assert not [r for r in records() if r["event"] == "leak"]
+    resolver.release.set()
+    assert loop.resolver.wait(5)
+    now[0] = at(2.5)
+    loop._leaks(now[0])
+    (leak,) = [r for r in records() if r["event"] == "leak"]
+    assert (leak["pid"], leak["holders"], leak["inode"]) == (812, [
+        {"pid": 812, "comm": "server", "fd": 5}], 777)
+    assert leak["age_s"] == 2.4  # at the moment it is written
+    assert loop.agg.leaks == 1
+
+
+def test_a_socket_closed_while_its_lookup_runs_reports_its_leak_before_its_close():
+    for fast in (True, False):
+        resolver = GatedResolver()
+        loop, now, records = background_loop([raw(leaking_server())], resolver, fast=fast)
+        loop._drain(0)
+        now[0] = at(1.5)
+        loop._leaks(now[0])
+        assert resolver.started.wait(5)
+        close = life(0xA1, [step(1.7, "CLOSE_WAIT", "LAST_ACK", owner=SERVER, actor=SERVER,
+                                 outcome="closed", cw_ns=1_600_000_000)])
+        loop.source.batches.append(raw(close))
+        loop._drain(0)
+        kinds = [r["event"] for r in records()]
+        assert kinds[-3:] == ["leak", "state", "close_wait"], (fast, kinds)
+        leak, cw = records()[-3], records()[-1]
+        assert (leak["pid"], leak["holders"], leak["age_s"]) == (812, [], 1.6)
+        assert cw["leaked"] is True and cw["duration_s"] == 1.6
+        resolver.release.set()
+        assert loop.resolver.wait(5)
+        now[0] = at(2.0)
+        loop._leaks(now[0])
+        assert [r["event"] for r in records()].count("leak") == 1  # not twice
+        assert loop.agg.leaks == 1
+
+
+def test_a_failed_lookup_is_tried_again_a_second_later():
+    resolver = GatedResolver(fail_first=True)
+    resolver.release.set()
+    loop, now, records = background_loop([raw(leaking_server())], resolver)
+    loop._drain(0)
+    now[0] = at(1.5)
+    loop._leaks(now[0])
+    assert loop.resolver.wait(5)
+    loop._leaks(now[0])  # the failure comes back: due again, but not before a second
+    assert not [r for r in records() if r["event"] == "leak"]
+    now[0] = at(2.0)
+    loop._leaks(now[0])
+    assert loop._inflight is None
+    now[0] = at(2.6)
+    loop._leaks(now[0])
+    assert loop.resolver.wait(5)
+    loop._leaks(now[0])
+    (leak,) = [r for r in records() if r["event"] == "leak"]
+    assert leak["holders"] == [{"pid": 812, "comm": "server", "fd": 5}]
+
+
+def test_the_end_of_a_run_waits_for_the_lookup_in_hand_and_resolves_the_rest():
+    resolver = GatedResolver()
+    other = life(0xD4, [step(0.9, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER)], rport=51235)
+    loop, now, records = background_loop([raw(merge(leaking_server(), other))], resolver)
+    loop._drain(0)
+    now[0] = at(1.5)
+    loop._leaks(now[0])  # the first is due and handed over; the other is not due yet
+    assert resolver.started.wait(5)
+    threading.Timer(0.2, resolver.release.set).start()
+    loop.stop()
+    now[0] = at(5)
+    summary = loop.run(None)
+    leaks = [r for r in records() if r["event"] == "leak"]
+    assert [r["rport"] for r in leaks] == [51234, 51235]
+    assert leaks[0]["holders"] == [{"pid": 812, "comm": "server", "fd": 5}]
+    assert records()[-1]["event"] == "summary" and summary["leaks"] == 2
