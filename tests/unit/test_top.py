@@ -13,6 +13,7 @@ from __future__ import annotations
 import doctest
 import os
 import socket
+import time
 from pathlib import Path
 
 import orjson
@@ -409,3 +410,38 @@ def test_once_json_in_forced_snapshot_mode(monkeypatch):
 @pytest.mark.parametrize("module", [model, view, hostinfo, collect])
 def test_docstring_examples(module):
     assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+# ------------------------------------------------------------------ holder lookups
+
+
+def test_holder_scans_are_reused_in_proportion_to_their_cost_and_slow_ones_run_aside():
+    from tcpwatch.top.collect import HolderCache
+
+    answers = [{7: ["first"]}, {7: ["second"], 8: ["new"]}]
+    calls = []
+
+    def slow_scan(inodes):
+        calls.append(set(inodes))
+        time.sleep(0.15)
+        return answers[len(calls) - 1]
+
+    cache = HolderCache(slow_scan)
+    assert cache.get({7}) == {7: ["first"]}  # the first scan is waited for
+    assert cache.get({7, 8}) == {7: ["first"]} and len(calls) == 1  # reused: it cost 0.15 s
+    cache._at -= 2.0  # as if 2 s had passed (reuse lasts 10 x 0.15 s)
+    t0 = time.monotonic()
+    assert cache.get({7, 8}) == {7: ["first"]}  # the last result while a new scan runs
+    assert time.monotonic() - t0 < 0.1
+    cache._worker.join(5)
+    assert cache.get({7, 8}) == {7: ["second"], 8: ["new"]} and calls[1] == {7, 8}
+
+
+def test_cheap_holder_scans_happen_every_frame():
+    from tcpwatch.top.collect import HolderCache
+
+    calls = []
+    cache = HolderCache(lambda inodes: calls.append(set(inodes)) or {i: ["x"] for i in inodes})
+    assert cache.get({1}) == {1: ["x"]}
+    assert cache.get({1, 2}) == {1: ["x"], 2: ["x"]}
+    assert cache.get(set()) == {} and calls == [{1}, {1, 2}]
