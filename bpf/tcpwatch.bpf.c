@@ -359,6 +359,12 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 		return 0;
 	count(TW_CNT_TRANSITIONS);
 	calibrate(cf, sk, old, new, sport);
+	// top (cw map): only what CLOSE_WAIT needs. Births (owner), entries and exits of
+	// CLOSE_WAIT and deaths; the steps in between (SYN_SENT->ESTABLISHED, FIN_WAIT1->
+	// FIN_WAIT2, ...) carry no time top shows, so they cost no socket lookup.
+	if (cf->v[TW_CFG_CW_MAP] && old != TS_CLOSE && old != TS_LISTEN && new != TS_LISTEN &&
+	    old != TS_CLOSE_WAIT && new != TS_CLOSE_WAIT && new != TS_CLOSE)
+		return 0;
 
 	s = socks.lookup(&sk);
 	if (!s) {
@@ -433,10 +439,8 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 			cw.delete(&sk);
 		else if (new == TS_CLOSE_WAIT && s->sent)
 			cw_enter(sk, s, family, sport, dport, saddr, daddr, now);
-		if (old != TS_CLOSE_WAIT) {
-			count(TW_CNT_FILTERED);
+		if (old != TS_CLOSE_WAIT)
 			goto done;
-		}
 	}
 	if (s->sent)
 		emit_state(ctx, sk, s, old, new, family, sport, dport, saddr, daddr, now, prev_ns,
