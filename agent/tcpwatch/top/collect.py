@@ -32,7 +32,7 @@ from tcpwatch.classify import Causes, ended_cause, stuck_cause
 from tcpwatch.procnet import TcpEntry, canonical
 from tcpwatch.timefmt import rfc3339
 from tcpwatch.top import hostinfo
-from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample
+from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, SockRef
 
 CLOSE_WAIT = schema.CLOSE_WAIT
 _C = schema.layout().consts
@@ -315,7 +315,9 @@ class KernelCollector:
         # under the process that held it, not only the owner the kernel last saw.
         self._who: dict[int, tuple[int | None, str | None]] = {}
         self._entered: deque[tuple[float, int, Entered]] = deque()
-        self._map_entered: list[tuple[float, int, Entered]] = []
+        # (entry time, sk, its Ended): the exit's own object stands for its entry (one object
+        # per exit instead of two: a churn makes tens of thousands a second).
+        self._map_entered: list[tuple[float, int, SockRef]] = []
         self._ended: deque[tuple[float, int, Ended]] = deque()
         self._last_events = (0, clock())
 
@@ -382,9 +384,10 @@ class KernelCollector:
                             self.causes.slow_close_s)
         pid, comm = who
         ref = (pid, comm, self.view.cgroup_of(pid), ev["lport"], ev["raddr"], ev["rport"])
-        self._ended.append((ts_s, sk, Ended(*ref, duration, cause)))
+        ended = Ended(*ref, duration, cause)
+        self._ended.append((ts_s, sk, ended))
         if duration is not None:
-            self._map_entered.append((ts_s - duration, sk, Entered(*ref)))
+            self._map_entered.append((ts_s - duration, sk, ended))
 
     def _map_tracked(self, now_ns: int) -> list:
         """The sockets in CLOSE_WAIT per the kernel's `cw` map, as Aggregator snapshots."""
@@ -499,11 +502,14 @@ class KernelCollector:
             window_entries = [*self._map_entered, *fresh]
         else:
             window_entries = list(self._entered)
-        entered = []
+        entered: list[SockRef] = []
         for _, sk, e in window_entries:
             pid, comm = who.get(sk) or gone.get(sk) or (e.pid, e.comm)
-            entered.append(Entered(pid, comm, v.cgroup_of(pid), e.lport, e.raddr,
-                                   e.rport))
+            cgroup = v.cgroup_of(pid)
+            if pid == e.pid and comm == e.comm and cgroup == e.cgroup:
+                entered.append(e)  # already attributed so (an exit standing for its entry)
+            else:
+                entered.append(Entered(pid, comm, cgroup, e.lport, e.raddr, e.rport))
         counts = self.counters()
         # Kernel transitions per second: with the cw map only exits reach us, so the rate is
         # the kernel's own count of every transition it saw.
