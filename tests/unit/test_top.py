@@ -363,6 +363,20 @@ def test_kernel_map_mode_gives_the_same_sample_as_the_event_stream():
     assert source.forgotten == [SK + 192]
 
 
+def test_a_full_cw_map_is_reported_in_the_header():
+    class Full(FakeMapSource):
+        def counters(self) -> dict[str, int]:
+            return {"lost": 0, "cw_full": 7}
+
+    col = collect.KernelCollector(Full([]), {}, snapshot=lambda: [],
+                                  holders_of=lambda inodes: {}, clock=Clock(1.0), cw_map=True)
+    (warning,) = col.sample().host.warnings
+    assert warning.startswith("7 sockets entered CLOSE_WAIT while the kernel's cw map was full")
+    col = collect.KernelCollector(FakeMapSource([]), {}, snapshot=lambda: [],
+                                  holders_of=lambda inodes: {}, clock=Clock(1.0), cw_map=True)
+    assert col.sample().host.warnings == []
+
+
 def test_snapshot_collector_ages_from_first_sight():
     tables = [
         [Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=0, inode=1)],

@@ -520,8 +520,13 @@ class KernelCollector:
         self._last_events = (seen, now_ns)
         self.agg.note_lost(counts.get("lost", 0), now_ns, counts.get("missed", 0))
         lost = self.agg.lost
+        warnings = list(self.warnings)
+        if counts.get("cw_full"):
+            # Bounded map: the rest are still counted and shown, from /proc only.
+            warnings.append(f"{counts['cw_full']} sockets entered CLOSE_WAIT while the kernel's "
+                            "cw map was full: shown from /proc (first-sight age)")
         host = v.host(entries, now_s, events_per_s=round(rate, 1), lost=lost, hooks=self.hooks,
-                      signals=self.causes.signals(), warnings=self.warnings)
+                      signals=self.causes.signals(), warnings=warnings)
         return Sample(self.mode, span, host, sockets, entered,
                       [e for _, _, e in self._ended], rfc3339(time.time_ns()))
 
