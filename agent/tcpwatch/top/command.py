@@ -276,7 +276,10 @@ def run_once(collector, keep, interval: float, fmt: str, by: str, sort: str,
             break
         collector.pump(min(left, 0.1))
     collector.pump(0)
-    print_frame(filter_sample(collector.sample(), keep), by, sort, fmt, interval)
+    t0 = time.monotonic()
+    sample = collector.sample()
+    frame_s = round(time.monotonic() - t0, 3)  # what a live redraw costs on this host
+    print_frame(filter_sample(sample, keep), by, sort, fmt, interval, {"frame_s": frame_s})
 
 
 def print_frame(sample, by: str, sort: str, fmt: str, interval: float | None,
