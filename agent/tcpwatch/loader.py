@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcpwatch import schema
+from tcpwatch import ringbuf, schema
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # offsetof(struct sock, __sk_common.skc_net) on 64-bit kernels since 4.x; checked at start.
@@ -179,6 +179,9 @@ class KernelSource:
         self.perf = False
         self._batch: list[bytes] = []
         self._callback = None
+        # Ring-buffer mode: read through mmap (ringbuf.MmapRing) or bcc's per-event callback.
+        self._ring: ringbuf.MmapRing | None = None
+        self.ring_reader: str | None = None  # "mmap" or "bcc"; None with the perf buffer
         self._stack_cache: dict[tuple[int, int], list[str]] = {}
 
     # --- start-up ---------------------------------------------------------------
@@ -258,8 +261,7 @@ class KernelSource:
                 self._callback, page_cnt=per_cpu, wakeup_events=PERF_WAKEUP_EVENTS
             )
         else:
-            self._callback = self._on_event
-            self.bpf["events"].open_ring_buffer(self._callback)
+            warnings += self._open_ring()
         self._set(schema.layout().consts["TW_CFG_ENABLED"], 1)
         _release_compiler_memory()
 
@@ -295,6 +297,28 @@ class KernelSource:
             "netns": self.netns_hook,
         }
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
+
+    def _open_ring(self) -> list[str]:
+        """Read the ring buffer through mmap where we can (a fraction of bcc's per-event
+        ctypes callback); else, or with TCPWATCH_RINGBUF=bcc (for comparison), through bcc.
+        Never both: each would consume records the other then misses."""
+        choice = os.environ.get("TCPWATCH_RINGBUF", "mmap")
+        if choice not in ("mmap", "bcc"):
+            raise LoaderError(f"TCPWATCH_RINGBUF={choice!r}: use mmap (the default) or bcc")
+        warnings = []
+        if choice == "mmap" and ringbuf.mmap_supported():
+            table = self.bpf["events"]
+            try:
+                self._ring = ringbuf.MmapRing(table.map_fd, table.max_entries)
+                self.ring_reader = "mmap"
+                return []
+            except (OSError, ValueError) as exc:
+                warnings.append(f"ring buffer read through bcc's callback, mmap failed ({exc}): "
+                                "about 0.3-0.5 us more agent CPU per event")
+        self._callback = self._on_event
+        self.bpf["events"].open_ring_buffer(self._callback)
+        self.ring_reader = "bcc"
+        return warnings
 
     def _set(self, slot: int, value: int) -> None:
         table, key = self.bpf["config"], ctypes.c_int(0)
@@ -379,6 +403,10 @@ class KernelSource:
             # of order (its CLOSE_WAIT before its SYN_SENT). Put them back in time order
             # (ts_ns is the event's first field).
             self._batch.sort(key=_event_ts)
+        elif self._ring is not None:
+            # Straight from the ring's memory; everything submitted by now (poll(0) included).
+            self._ring.wait(timeout_s)
+            return self._ring.drain()
         else:
             self.bpf.ring_buffer_poll(int(timeout_s * 1000))
             self.bpf.ring_buffer_consume()
@@ -453,6 +481,9 @@ class KernelSource:
         return [n.decode("utf-8", "replace") for n in names]
 
     def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()  # before bcc's cleanup unloads the map
+            self._ring = None
         if self.bpf is not None:
             with contextlib.suppress(Exception):
                 self.bpf.cleanup()
