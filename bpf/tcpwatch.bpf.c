@@ -580,8 +580,11 @@ static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_r
 	if (s->owner != TW_F_OWNER || s->pid != (id >> 32)) {
 		set_owner_current(s);
 		// The FIN often comes before the owner first touches the socket (accepted
-		// late, listener older than tracing): say who it is, once it is known.
-		if (s->state == TS_CLOSE_WAIT)
+		// late, listener older than tracing): say who it is, once it is known. If
+		// this very call reads the EOF, the EOF event below carries the owner: one
+		// event instead of two.
+		if (s->state == TS_CLOSE_WAIT &&
+		    !(is_recv && ret == 0 && !(s->flags & TW_F_EOF_READ)))
 			emit_sock(ctx, sk, s, TW_KIND_OWNER, bpf_ktime_get_ns());
 	}
 	if (!is_recv || ret < 0)

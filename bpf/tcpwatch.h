@@ -15,7 +15,8 @@
 
 /* tw_event.kind */
 #define TW_KIND_STATE 1 /* a TCP state transition */
-#define TW_KIND_EOF 2   /* the owner read EOF (recv returned 0) on a socket in CLOSE_WAIT */
+#define TW_KIND_EOF 2   /* the owner read EOF (recv returned 0) on a socket in CLOSE_WAIT;
+                           pid/tid/comm and TW_F_OWNER: that owner (no separate OWNER event) */
 #define TW_KIND_OWNER 3 /* the owner of a socket in CLOSE_WAIT became known or changed */
 
 /* tw_event.outcome: why a socket left its state, judged in the kernel */
