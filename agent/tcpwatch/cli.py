@@ -269,7 +269,7 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
     from tcpwatch.timefmt import rfc3339
 
     offset = loader.mono_to_wall_ns()
-    resolver = procnet.Resolver()
+    resolver = procnet.Resolver(states=procnet.RESOLVE_STATES)
     agg = Aggregator(
         leak_after_s=leak_after,
         mono_to_wall_ns=offset,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import doctest
-from dataclasses import replace
 
 import pytest
 import streams
@@ -401,7 +400,7 @@ ENTRY = Entry(NETNS, 4, *TUPLE, rx_queue=1, inode=9100)
 
 def test_seed_existing_record():
     agg = make()
-    (rec,) = agg.seed_existing([ENTRY, replace(ENTRY, state=1, rport=1)],
+    (rec,) = agg.seed_existing([ENTRY, ENTRY._replace(state=1, rport=1)],
                                {9100: [Holder(812, "server", 9)]}, T0)
     assert rec == {
         "event": "existing",
@@ -451,7 +450,7 @@ def test_preexisting_leaks_then_closes_with_unknown_duration():
 
 def test_preexisting_binds_to_sk_on_eof():
     agg = make(FakeResolver())
-    agg.seed_existing([replace(ENTRY, netns=0)], {}, T0)  # netns unknown matches any
+    agg.seed_existing([ENTRY._replace(netns=0)], {}, T0)  # netns unknown matches any
     feed_all(agg, life(SK, [eof(3, owner=SERVER)]))
     (snap,) = agg.in_close_wait()
     assert (snap.sk, snap.netns, snap.eof_read, snap.owner.pid) == (SK, NETNS, True, 812)
@@ -461,7 +460,7 @@ def test_preexisting_binds_to_sk_on_eof():
 
 def test_preexisting_in_another_netns_is_not_bound():
     agg = make()
-    agg.seed_existing([replace(ENTRY, netns=4026532177)], {}, T0)
+    agg.seed_existing([ENTRY._replace(netns=4026532177)], {}, T0)
     recs = feed_all(agg, life(SK, [step(2, "CLOSE_WAIT", "CLOSE", outcome="reset")]))
     cw = only(recs, "close_wait")
     assert (cw["preexisting"], cw["leaked"], cw["duration_s"]) == (True, False, None)
@@ -473,11 +472,11 @@ def test_seed_skips_sockets_the_kernel_already_reported():
     agg = make()
     feed_all(agg, enter_cw(0.0))
     assert agg.seed_existing([ENTRY], {}, at(0.2)) == []
-    assert agg.seed_existing([replace(ENTRY, laddr="::ffff:10.0.0.1", family=6)], {}, T0) == []
+    assert agg.seed_existing([ENTRY._replace(laddr="::ffff:10.0.0.1", family=6)], {}, T0) == []
 
 
 def test_unaccepted_existing_socket_has_no_holder():
-    (rec,) = make().seed_existing([replace(ENTRY, inode=0, rx_queue=518)], {0: ["bogus"]}, T0)
+    (rec,) = make().seed_existing([ENTRY._replace(inode=0, rx_queue=518)], {0: ["bogus"]}, T0)
     assert (rec["pid"], rec["holders"], rec["inode"], rec["rx_queue"]) == (None, [], 0, 517)
 
 

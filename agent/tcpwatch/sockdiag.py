@@ -1,0 +1,273 @@
+"""TCP sockets of one network namespace through NETLINK_SOCK_DIAG (inet_diag), as in procnet.
+
+The same TcpEntry values /proc/net/tcp{,6} give, from a binary dump the kernel can filter by
+state: a CLOSE_WAIT-only dump walks the hash tables in the kernel and sends only those sockets.
+A netlink socket reports the namespace it was created in, so the caller creates it there
+(procnet does, in a thread that entered the namespace) and passes it to read_tcp().
+
+Where inet_diag differs from /proc and how it is made to agree (net/ipv4/inet_diag.c,
+tcp_diag.c, tcp_ipv4.c):
+- LISTEN: /proc's tx_queue is write_seq - snd_una (0 for a listener), inet_diag's wqueue is the
+  maximum backlog: tx_queue is 0. rx_queue is the accept backlog in both.
+- Other full sockets: rqueue = max(rcv_nxt - copied_seq, 0), wqueue = write_seq - snd_una,
+  exactly /proc's rx_queue and tx_queue.
+- TIME_WAIT minisockets (state = tw_substate, TIME_WAIT or FIN_WAIT2): queues, uid, inode 0
+  in both.
+- Request sockets (SYN_RECV, inode 0): /proc shows the listener's uid, inet_diag uid 0; the
+  uid is taken from the listener of the same dump (LISTEN is requested along for that).
+- SYN_RECV in the request makes the kernel add NEW_SYN_RECV (request sockets) by itself;
+  TIME_WAIT minisockets come with their substate's bit. Bits above CLOSING (NEW_SYN_RECV,
+  BOUND_INACTIVE: bound, not listening sockets /proc never lists) are never requested.
+
+Pure stdlib. Dumping needs no privileges in one's own namespace.
+
+>>> with open_socket() as sock:  # doctest: +SKIP
+...     read_tcp(sock, 4026531833, {8})
+[TcpEntry(netns=4026531833, family=4, laddr='127.0.0.1', lport=8080, raddr='127.0.0.1',
+          rport=55236, state=8, tx_queue=0, rx_queue=6, uid=0, inode=9204)]
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Iterable
+
+from tcpwatch.procnet import TcpEntry
+
+NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h
+SOCK_DIAG_BY_FAMILY = 20  # include/uapi/linux/sock_diag.h
+NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
+NLM_F_REQUEST, NLM_F_DUMP = 0x01, 0x300
+SYN_RECV, LISTEN, CLOSING = 3, 10, 11
+TCP_STATES = frozenset(range(1, CLOSING + 1))  # what /proc/net/tcp can show
+ALL_STATES_MASK = sum(1 << s for s in TCP_STATES)
+RECV_BUFFER = 1 << 20  # the kernel sends at most ~32 KiB per datagram; room to spare
+
+# struct nlmsghdr: len, type, flags, seq, pid
+_NLMSGHDR = struct.Struct("=IHHII")
+# nlmsghdr + struct inet_diag_req_v2 (family, protocol, ext, pad, states, id all zero)
+_REQUEST = struct.Struct("=IHHII BBBxI 48x")
+# nlmsghdr (len, type) + struct inet_diag_msg: family, state, [timer, retrans], sport, dport
+# (big endian, swapped below), src[4], dst[4] (network order), [if, cookie[2], expires],
+# rqueue, wqueue, uid, inode.
+_MSG = struct.Struct("=IH10xBB2xHH16s16s16xIIII")
+_LEN_TYPE = struct.Struct("=IH")
+_ERR = struct.Struct("=i")
+_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_BIG_ENDIAN = sys.byteorder == "big"
+
+_buffers = threading.local()  # one receive buffer per thread, reused across dumps
+
+
+def states_mask(states: Iterable[int] | None) -> int:
+    """idiag_states for these TCP state numbers (all of /proc's states when None).
+
+    SYN_RECV also asks for LISTEN: a request socket's uid comes from its listener.
+
+    >>> hex(states_mask({8})), hex(states_mask({3})), hex(states_mask(None))
+    ('0x100', '0x408', '0xffe')
+    """
+    if states is None:
+        return ALL_STATES_MASK
+    mask = sum(1 << s for s in set(states) & TCP_STATES)
+    if mask & (1 << SYN_RECV):
+        mask |= 1 << LISTEN
+    return mask
+
+
+def request(family: int, mask: int, seq: int) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY dump request for TCP sockets of `family` in the states of `mask`,
+    no extensions (the replies then carry only the few attributes the kernel always adds)."""
+    return _REQUEST.pack(
+        _REQUEST.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
+        family, socket.IPPROTO_TCP, 0, mask,
+    )  # fmt: skip
+
+
+def _bad(why: str) -> OSError:
+    return OSError(errno.EBADMSG, f"sock_diag: {why}")
+
+
+class AddressTexts(dict):
+    """Raw address bytes (16, as in inet_diag_sockid) -> text, formatted on first use: a big
+    table has far fewer distinct addresses than sockets. Text as procnet's _addr() makes it."""
+
+    def __init__(self, family: int) -> None:
+        super().__init__()
+        self.family = family
+
+    def __missing__(self, raw: bytes) -> str:
+        if self.family == socket.AF_INET:
+            text = self[raw] = socket.inet_ntop(socket.AF_INET, raw[:4])
+        else:
+            text = self[raw] = socket.inet_ntop(socket.AF_INET6, raw)
+        return text
+
+
+def address_cache() -> dict[int, AddressTexts]:
+    """An address cache for parse(), by AF_* family; one per dump (or per namespace)."""
+    return {socket.AF_INET: AddressTexts(socket.AF_INET),
+            socket.AF_INET6: AddressTexts(socket.AF_INET6)}  # fmt: skip
+
+
+def parse(
+    data: bytes | bytearray | memoryview, netns: int, out: list[TcpEntry],
+    cache: dict[int, AddressTexts] | None = None,
+) -> bool:
+    """Append a TcpEntry for each inet_diag_msg in a buffer of netlink messages to `out`.
+
+    Returns True once NLMSG_DONE is seen (nothing after it is read). NLMSG_ERROR, a DONE that
+    carries an error, NLMSG_OVERRUN and truncated or malformed messages raise OSError, and
+    then nothing of this buffer is appended. cache: from address_cache(), shared across the
+    buffers of one dump. Request sockets' uid stays as the kernel gives it (0):
+    fix_request_uids() puts their listener's there.
+    """
+    cache = cache or address_cache()
+    # Pass 1 walks the headers and checks them; pass 2 decodes in comprehensions, which is
+    # ~30 % faster than one loop doing both (~0.75 us per socket in all).
+    offsets: list[int] = []
+    keep = offsets.append
+    head = _LEN_TYPE.unpack_from
+    end = len(data)
+    off = 0
+    done = False
+    while off < end:
+        if end - off < _NLMSGHDR.size:
+            raise _bad(f"{end - off} bytes left, less than a netlink header")
+        length, kind = head(data, off)
+        if length < _NLMSGHDR.size or off + length > end:
+            raise _bad(f"message of {length} bytes at offset {off} in {end}")
+        if kind == SOCK_DIAG_BY_FAMILY:
+            if length < _MSG.size:
+                raise _bad(f"inet_diag_msg of {length} bytes")
+            if data[off + _NLMSGHDR.size] not in cache:  # idiag_family
+                raise _bad(f"address family {data[off + _NLMSGHDR.size]}")
+            keep(off)
+        elif kind == NLMSG_DONE:
+            if length >= _NLMSGHDR.size + _ERR.size:
+                (err,) = _ERR.unpack_from(data, off + _NLMSGHDR.size)
+                if err < 0:
+                    raise OSError(-err, f"sock_diag dump: {os.strerror(-err)}")
+            done = True
+            break
+        elif kind == NLMSG_ERROR:
+            if length < _NLMSGHDR.size + _ERR.size:
+                raise _bad("NLMSG_ERROR without an error code")
+            (err,) = _ERR.unpack_from(data, off + _NLMSGHDR.size)
+            if err < 0:
+                raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+            # 0 is an acknowledgement: nothing to report
+        elif kind == NLMSG_OVERRUN:
+            raise _bad("NLMSG_OVERRUN: data lost")
+        # NLMSG_NOOP and anything else: skip
+        off += (length + 3) & ~3  # NLMSG_ALIGN
+
+    unpack = _MSG.unpack_from
+    records = [unpack(data, o) for o in offsets]
+    new = tuple.__new__
+    if _BIG_ENDIAN:  # ports already in host order: swapped here, the inline swap undoes it
+        records = [(*r[:4], _swap16(r[4]), _swap16(r[5]), *r[6:]) for r in records]
+    # Ports arrive big endian, swapped inline for little-endian hosts. /proc prints
+    # write_seq - snd_una for a listener too (0), where inet_diag's wqueue is its max backlog.
+    out.extend([
+        new(TcpEntry, (netns, _FAMILY[fam], cache[fam][src], ((sp & 0xFF) << 8) | (sp >> 8),
+                       cache[fam][dst], ((dp & 0xFF) << 8) | (dp >> 8), state,
+                       0 if state == LISTEN else wq, rq, uid, inode))
+        for _, _, fam, state, sp, dp, src, dst, rq, wq, uid, inode in records
+    ])  # fmt: skip
+    return done
+
+
+def _swap16(x: int) -> int:
+    return ((x & 0xFF) << 8) | (x >> 8)
+
+
+def fix_request_uids(entries: list[TcpEntry]) -> list[TcpEntry]:
+    """Give request sockets (SYN_RECV, inode 0) their listener's uid, as /proc shows them.
+
+    The listener is the LISTEN entry on the same port and family with the same local address,
+    else a wildcard one, else any on that port. Entries without a listener keep uid 0.
+
+    >>> lst = TcpEntry(1, 4, "0.0.0.0", 80, "0.0.0.0", 0, LISTEN, 0, 0, 1000, 7)
+    >>> req = TcpEntry(1, 4, "10.0.0.1", 80, "10.0.0.2", 5000, SYN_RECV, 0, 0, 0, 0)
+    >>> fix_request_uids([lst, req])[1].uid
+    1000
+    """
+    if not any(e.state == SYN_RECV and e.inode == 0 for e in entries):
+        return entries
+    listeners: dict[int, list[TcpEntry]] = {}
+    for e in entries:
+        if e.state == LISTEN:
+            listeners.setdefault(e.lport, []).append(e)
+
+    def rank(req: TcpEntry, lst: TcpEntry) -> tuple[bool, bool, bool]:
+        return (lst.family == req.family, lst.laddr == req.laddr,
+                lst.laddr in ("0.0.0.0", "::"))  # fmt: skip
+
+    fixed = []
+    for e in entries:
+        if e.state == SYN_RECV and e.inode == 0 and e.uid == 0 and e.lport in listeners:
+            owner = max(listeners[e.lport], key=lambda lst, req=e: rank(req, lst))
+            e = e._replace(uid=owner.uid)
+        fixed.append(e)
+    return fixed
+
+
+def open_socket() -> socket.socket:
+    """A sock_diag netlink socket in the calling thread's network namespace.
+
+    OSError (EPROTONOSUPPORT, EAFNOSUPPORT, EPERM...) when the kernel or policy forbids it.
+    """
+    return socket.socket(
+        socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+    )
+
+
+def _buffer() -> bytearray:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(RECV_BUFFER)
+    return buf
+
+
+def dump(sock: socket.socket, family: int, mask: int, netns: int, out: list[TcpEntry],
+         cache: dict[int, AddressTexts] | None = None) -> None:
+    """One family's TCP sockets in the states of `mask`, appended to out. OSError on failure."""
+    sock.send(request(family, mask, family))  # seq: one dump at a time per socket
+    buf = _buffer()
+    view = memoryview(buf)
+    cache = cache or address_cache()
+    while True:
+        # MSG_TRUNC: the datagram's real size, so a cut one is an error, not a silent loss
+        n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+        if n > len(buf):
+            raise OSError(errno.EMSGSIZE, f"sock_diag: {n}-byte datagram cut to {len(buf)}")
+        if n == 0:
+            raise _bad("empty datagram before NLMSG_DONE")
+        if parse(view[:n], netns, out, cache):
+            return
+
+
+def read_tcp(sock: socket.socket, netns: int, states: Iterable[int] | None = None
+             ) -> list[TcpEntry]:
+    """The IPv4 then IPv6 TCP sockets of the namespace `sock` was created in, tagged `netns`,
+    only those in `states` (TCP state numbers) if given: what procnet reads from
+    /proc/net/tcp and tcp6, field for field. OSError if the dump fails."""
+    wanted = None if states is None else frozenset(states)
+    mask = states_mask(wanted)
+    out: list[TcpEntry] = []
+    if not mask:
+        return out
+    cache = address_cache()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        dump(sock, family, mask, netns, out, cache)
+    if mask & (1 << SYN_RECV):
+        out = fix_request_uids(out)
+        if wanted is not None and LISTEN not in wanted:
+            out = [e for e in out if e.state != LISTEN]  # asked for along, not wanted
+    return out
