@@ -82,7 +82,7 @@ class TcpEntry(NamedTuple):
         >>> TcpEntry(1, 4, "127.0.0.1", 8080, "127.0.0.1", 55236, 8, 0, 6, 0, 9204).key
         (1, 4, '127.0.0.1', 8080, '127.0.0.1', 55236)
         """
-        return (self.netns, self.family, self.laddr, self.lport, self.raddr, self.rport)
+        return self[:6]  # the first six fields, in this order (a C-level slice)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import Any
 
 from tcpwatch import procnet, schema
@@ -163,9 +162,11 @@ class _HostView:
         entries = self._snapshot()
         now_s = self.clock() / 1e9
         seen = {}
+        first = self.first_seen.get
         for e in entries:
             if e.state in (CLOSE_WAIT, hostinfo.FIN_WAIT2):
-                seen[e.key] = self.first_seen.get(e.key, now_s)
+                key = e[:6]  # TcpEntry.key, without a property call per socket
+                seen[key] = first(key, now_s)
         self.first_seen = seen  # forget sockets that are gone
         if self.started_s is None:
             self.started_s = now_s
@@ -196,11 +197,13 @@ class _HostView:
         if not e.inode:  # in the accept queue: charged to the process holding the listener
             lheld = holders.get(listener_of(e, listeners), [])
             pid, comm = (lheld[0].pid, lheld[0].comm) if lheld else (None, None)
-        age = now_s - self.first_seen.get(e.key, now_s)
+        age = now_s - self.first_seen.get(e[:6], now_s)
         cause = stuck_cause(inode=e.inode, rx_queue=e.rx_queue, holders=[h.pid for h in held],
                             owner=None, eof_read=False)
+        leak_after_s = kw.get("leak_after_s")
+        leaked = kw.get("leaked", False) or (leak_after_s is not None and age >= leak_after_s)
         return CwSock(pid, comm, self.cgroup_of(pid), e.lport, e.raddr, e.rport,
-                      round(age, 3), e.unread, cause, kw.get("leaked", False))
+                      round(age, 3), e.unread, cause, leaked)
 
 
 class SnapshotCollector:
@@ -242,8 +245,8 @@ class SnapshotCollector:
         holders = v.holders.get(inodes - {0})
         current = {}
         for e in cw:
-            s = v.cw_sock(e, holders, now_s, listeners)
-            current[e.key] = (e, replace(s, leaked=s.age_s >= self.leak_after_s))
+            s = v.cw_sock(e, holders, now_s, listeners, leak_after_s=self.leak_after_s)
+            current[e[:6]] = (e, s)
         if self._previous is not None:
             for key, (_, s) in current.items():
                 if key not in self._previous:

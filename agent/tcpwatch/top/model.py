@@ -30,7 +30,7 @@ GROUPINGS = ("process", "remote", "port", "cgroup")
 SORTS = ("count", "age", "leaks", "rate", "p99", "unread")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SockRef:
     """Who a socket belongs to and where it goes: all that grouping needs."""
 
@@ -42,7 +42,7 @@ class SockRef:
     rport: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CwSock(SockRef):
     """A socket in CLOSE_WAIT now. pid/comm: the first holder, else the kernel's owner (None if
     neither is known); age_s from entry into CLOSE_WAIT (or from first sight); unread bytes
@@ -54,12 +54,12 @@ class CwSock(SockRef):
     leaked: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entered(SockRef):
     """A socket that entered CLOSE_WAIT during the window, attributed as well as known."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ended(SockRef):
     """A socket that left CLOSE_WAIT during the window: how long it stayed and why it left."""
 
