@@ -7,6 +7,7 @@
 //   TW_HAVE_*        optional tracepoints that exist on this kernel
 //   TW_STACKS        take kernel/user stacks (--stacks)
 //   TW_PERF_BUFFER   perf buffer instead of the ring buffer (kernels before 5.8)
+//   TW_RAW_SOCK_HOOKS 1: recv/send length hooks as raw tracepoints (see there), 0: classic
 //   TW_MAX_SOCKS, TW_RB_PAGES  map and ring buffer sizes
 // User input never reaches this text: filters live in maps written after load.
 //
@@ -602,6 +603,31 @@ static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_r
 	emit_sock(ctx, sk, s, TW_KIND_EOF, s->fin_read_ts);
 }
 
+#if TW_RAW_SOCK_HOOKS
+// Raw tracepoints (TP_PROTO(struct sock *sk, int ret, int flags)): a classic tracepoint
+// program holds the per-CPU bpf_prog_active while it runs, and a softirq state transition
+// arriving meanwhile would skip the state program (a recursion miss, a lost transition).
+// Raw tracepoint programs only guard against themselves. No struct is read: sockets that
+// are not TCP have no `socks` entry, so the lookup in seen_in_process() ends there.
+#ifdef TW_HAVE_RECV_LENGTH
+RAW_TRACEPOINT_PROBE(sock_recv_length)
+{
+	// MSG_PEEK (2) reads nothing; it says nothing about EOF handling.
+	if ((int)ctx->args[2] & 2)
+		return 0;
+	seen_in_process(ctx, (u64)ctx->args[0], (int)ctx->args[1], 1);
+	return 0;
+}
+#endif
+
+#ifdef TW_HAVE_SEND_LENGTH
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{
+	seen_in_process(ctx, (u64)ctx->args[0], (int)ctx->args[1], 0);
+	return 0;
+}
+#endif
+#else
 #ifdef TW_HAVE_RECV_LENGTH
 TRACEPOINT_PROBE(sock, sock_recv_length)
 {
@@ -623,6 +649,7 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 	seen_in_process(args, (u64)args->sk, args->ret, 0);
 	return 0;
 }
+#endif
 #endif
 
 // --- outcome: what the current task is doing --------------------------------------

@@ -179,6 +179,7 @@ class KernelSource:
         self.perf = False
         self._batch: list[bytes] = []
         self._callback = None
+        self.raw_sock_hooks = False  # recv/send hooks attached as raw tracepoints
         # Ring-buffer mode: read through mmap (ringbuf.MmapRing) or bcc's per-event callback.
         self._ring: ringbuf.MmapRing | None = None
         self.ring_reader: str | None = None  # "mmap" or "bcc"; None with the perf buffer
@@ -186,7 +187,8 @@ class KernelSource:
 
     # --- start-up ---------------------------------------------------------------
 
-    def _defines(self, state_tp: int, close_hook: int, perf: bool) -> list[str]:
+    def _defines(self, state_tp: int, close_hook: int, perf: bool, raw: bool = True
+                 ) -> list[str]:
         have = {
             "RECV_LENGTH": ("sock", "sock_recv_length"),
             "SEND_LENGTH": ("sock", "sock_send_length"),
@@ -202,6 +204,7 @@ class KernelSource:
             f"-DTW_CLOSE_HOOK={close_hook}",
             f"-DTW_MAX_SOCKS={int(self.opts.max_socks)}",
             f"-DTW_RB_PAGES={int(self.opts.ring_pages)}",
+            f"-DTW_RAW_SOCK_HOOKS={int(raw)}",
             f"-I{schema.bpf_dir()}",
         ]
         self.optional = {}
@@ -238,15 +241,20 @@ class KernelSource:
             ("ring", False), ("perf", True)]
         errors = []
         state_name = None
-        for (state_tp, name), (buf_name, perf) in itertools.product(state_candidates, buffers):
+        # Raw tracepoints for the recv/send hooks (fewer recursion misses, see the C); the
+        # classic ones where they do not load.
+        raws = (False,) if os.environ.get("TCPWATCH_RAW_HOOKS") == "0" else (True, False)
+        for (state_tp, name), (buf_name, perf), raw in itertools.product(
+                state_candidates, buffers, raws):
             try:
-                flags = self._defines(state_tp, close_hook, perf)
+                flags = self._defines(state_tp, close_hook, perf, raw)
                 self.bpf = _quiet_bpf(text=src, cflags=flags)
-                state_name, self.perf = name, perf
+                state_name, self.perf, self.raw_sock_hooks = name, perf, raw
                 break
             except Exception as exc:  # bcc raises plain Exception on load/attach failures
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                errors.append(f"{name} with {buf_name} buffer: {first}")
+                kind = "raw" if raw else "classic"
+                errors.append(f"{name} with {buf_name} buffer, {kind} recv/send hooks: {first}")
         if self.bpf is None:
             raise LoaderError("could not load any TCP state hook (" + "; ".join(errors) + ")")
         if errors:
