@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import Any
 
 from tcpwatch import procnet, schema
@@ -40,6 +41,19 @@ _F_OWNER, _F_OWNER_LISTENER = _C["TW_F_OWNER"], _C["TW_F_OWNER_LISTENER"]
 _F_ACTOR, _F_EOF_READ, _F_CW_UNKNOWN = _C["TW_F_ACTOR"], _C["TW_F_EOF_READ"], _C["TW_F_CW_UNKNOWN"]
 Snapshot = Callable[[], list]  # procnet.snapshot()
 HoldersOf = Callable[[Iterable[int]], dict]  # procnet.holders_of()
+
+
+@lru_cache(maxsize=1)
+def _exit_unpacker() -> Callable[[bytes], tuple]:
+    """struct.unpack_from of what a CLOSE_WAIT exit needs (saddr+daddr as one 32 bytes)."""
+    from tcpwatch.fastpath import unpacker
+
+    names = ("ts_ns", "sk", "cw_ns", "saddr", "daddr", "pid", "actor_pid", "family", "sport",
+             "dport", "kind", "oldstate", "newstate", "outcome", "flags", "comm", "actor_comm")
+    unpack = unpacker(schema.layout(), names)
+    if unpack is None:
+        raise RuntimeError("tcpwatch.h: struct tw_event no longer has the exit fields in order")
+    return unpack
 
 
 def _tuple4(laddr: str, lport: int, raddr: str, rport: int) -> tuple:
@@ -339,6 +353,8 @@ class KernelCollector:
         self._map_entered: list[tuple[float, int, SockRef]] = []
         self._ended: deque[tuple[float, int, Ended]] = deque()
         self._last_events = (0, clock())
+        # (outcome, new state, leaked, slow) -> cause of an exit: a handful of distinct cases
+        self._exit_causes: dict[tuple, str] = {}
 
     def seed(self) -> None:
         """Track the sockets already in CLOSE_WAIT (ages from now, flagged pre-existing).
@@ -355,8 +371,7 @@ class KernelCollector:
         """Drain what the kernel sent (waiting up to timeout_s) into the aggregator."""
         decode, feed = schema.decode, self.agg.feed
         if self.cw_map:
-            for raw in self.source.poll(timeout_s):
-                self._on_map_exit(decode(raw))
+            self._on_map_exits(self.source.poll(timeout_s))
             return
         for raw in self.source.poll(timeout_s):
             ev = decode(raw)
@@ -382,31 +397,49 @@ class KernelCollector:
             pid, comm, self.view.cgroup_of(pid), ev["lport"], ev["raddr"], ev["rport"],
             rec["duration_s"], rec["cause"])))
 
-    def _on_map_exit(self, ev: dict) -> None:
-        """A CLOSE_WAIT exit from the kernel (cw map mode): the only event that travels."""
-        if ev["kind"] != _KIND_STATE or ev["old"] != CLOSE_WAIT:
+    def _on_map_exits(self, batch: list[bytes]) -> None:
+        """CLOSE_WAIT exits from the kernel (cw map mode): the only events that travel, one
+        per connection in a churn, so each is read with one unpack and cached texts."""
+        if not batch:
             return
-        if not self.view.wanted(ev["lport"], ev["rport"]):
-            return
-        sk, flags, ts_s = ev["sk"], ev["flags"], ev["ts_ns"] / 1e9
-        duration = None if flags & _F_CW_UNKNOWN else round(ev["cw_ns"] / 1e9, 6)
-        who = self._who.pop(sk, None)
-        if who is None:
-            if flags & (_F_OWNER | _F_OWNER_LISTENER):
-                who = (ev["pid"], ev["comm"])
-            elif flags & _F_ACTOR:
-                who = (ev["actor_pid"], ev["actor_comm"])
-            else:
-                who = (None, None)
-        leaked = duration is not None and duration >= self.agg.leak_after_ns / 1e9
-        cause = ended_cause(outcome_name(ev["outcome"], ev["new"]), duration, leaked,
-                            self.causes.slow_close_s)
-        pid, comm = who
-        ref = (pid, comm, self.view.cgroup_of(pid), ev["lport"], ev["raddr"], ev["rport"])
-        ended = Ended(*ref, duration, cause)
-        self._ended.append((ts_s, sk, ended))
-        if duration is not None:
-            self._map_entered.append((ts_s - duration, sk, ended))
+        unpack = _exit_unpacker()
+        ports = self.view.ports
+        who_of = self._who.pop
+        cgroup_of = self.view.cgroup_of
+        addr, comm_text = schema.addr_text, schema.comm_text
+        leak_after_s = self.agg.leak_after_ns / 1e9
+        slow_close_s = self.causes.slow_close_s
+        causes = self._exit_causes
+        ended_out, entered_out = self._ended.append, self._map_entered.append
+        for raw in batch:
+            (ts, sk, cw_ns, addrs, pid, apid, family, sport, dport, kind, old, new, outcome,
+             flags, comm, acomm) = unpack(raw)
+            if kind != _KIND_STATE or old != CLOSE_WAIT:
+                continue
+            if ports and sport not in ports and dport not in ports:
+                continue
+            ts_s = ts / 1e9
+            duration = None if flags & _F_CW_UNKNOWN else round(cw_ns / 1e9, 6)
+            who = who_of(sk, None)
+            if who is None:
+                if flags & (_F_OWNER | _F_OWNER_LISTENER):
+                    who = (pid, comm_text(comm))
+                elif flags & _F_ACTOR:
+                    who = (apid, comm_text(acomm))
+                else:
+                    who = (None, None)
+            leaked = duration is not None and duration >= leak_after_s
+            slow = duration is not None and duration > slow_close_s
+            cause = causes.get((outcome, new, leaked, slow))
+            if cause is None:  # ended_cause() per distinct case, not per exit
+                cause = causes[(outcome, new, leaked, slow)] = ended_cause(
+                    outcome_name(outcome, new), duration, leaked, slow_close_s)
+            pid, comm = who
+            ended = Ended(pid, comm, cgroup_of(pid), sport, addr(addrs[16:], family), dport,
+                          duration, cause)
+            ended_out((ts_s, sk, ended))
+            if duration is not None:
+                entered_out((ts_s - duration, sk, ended))
 
     def _map_tracked(self, now_ns: int) -> list:
         """The sockets in CLOSE_WAIT per the kernel's `cw` map, as Aggregator snapshots."""
