@@ -381,6 +381,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 			count(TW_CNT_SOCK_FULL);
 			return 0;
 		}
+		count(TW_CNT_SOCK_INSERT);
 		s = socks.lookup(&sk);
 		if (!s)
 			return 0;
@@ -456,7 +457,8 @@ done:
 
 			listeners.delete(&lk);
 		}
-		socks.delete(&sk);
+		if (!socks.delete(&sk))
+			count(TW_CNT_SOCK_DELETE);
 		return 0;
 	}
 	s->state = new;

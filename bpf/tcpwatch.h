@@ -44,7 +44,10 @@
 #define TW_CNT_FILTERED 4    /* transitions dropped by --pid/--port/--state */
 #define TW_CNT_TRANSITIONS 5 /* every TCP state transition the state program ran for */
 #define TW_CNT_CW_FULL 6     /* CLOSE_WAIT entries the `cw` map had no room for (TW_CFG_CW_MAP) */
-#define TW_CNT_SLOTS 8
+#define TW_CNT_SOCK_INSERT 7 /* entries added to the socket map */
+#define TW_CNT_SOCK_DELETE 8 /* entries removed from it by a socket's end (not by LRU eviction):
+                                inserts - deletes - max entries is a floor on evictions */
+#define TW_CNT_SLOTS 10
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
 #define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */

@@ -428,8 +428,12 @@ class KernelSource:
         table = self.bpf["counters"]
         out = {}
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED", "TRANSITIONS",
-                     "CW_FULL"):
+                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE"):
             out[name.lower()] = int(sum(table[ctypes.c_int(c["TW_CNT_" + name])]))
+        # An LRU map evicts silently; entries neither deleted nor still there were evicted.
+        # At most max_socks are there, so this many at least were evicted.
+        out["sock_evicted_min"] = max(
+            0, out["sock_insert"] - out["sock_delete"] - int(self.opts.max_socks))
         out["missed"] = sum(recursion_misses(fd) for fd in self._state_fds())
         return out
 

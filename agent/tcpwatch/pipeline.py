@@ -165,9 +165,10 @@ class TraceLoop:
         for raw in batch:
             self.emit(feed(decode(raw)))
 
-    def _check_lost(self) -> None:
+    def _check_lost(self) -> dict[str, int]:
         counts = self.source.counters()
         self.emit(self.agg.note_lost(counts["lost"], self.clock(), counts.get("missed", 0)))
+        return counts
 
     def _leaks(self, now: int, final: bool = False) -> None:
         """Leak records: with the background resolver, collect a finished batch and hand
@@ -226,8 +227,11 @@ class TraceLoop:
         self._drain(0)
         now = self.clock()
         self._leaks(now, final=True)
-        self._check_lost()
+        counts = self._check_lost()
         summary = self.agg.summary(now)
+        if "sock_evicted_min" in counts:
+            # The kernel's socket map is bounded (LRU): say if it had to forget sockets.
+            summary["sock_evicted_min"] = counts["sock_evicted_min"]
         self.emit([summary])
         return summary
 

@@ -228,3 +228,17 @@ def test_the_end_of_a_run_waits_for_the_lookup_in_hand_and_resolves_the_rest():
     assert [r["rport"] for r in leaks] == [51234, 51235]
     assert leaks[0]["holders"] == [{"pid": 812, "comm": "server", "fd": 5}]
     assert records()[-1]["event"] == "summary" and summary["leaks"] == 2
+
+
+def test_the_summary_says_how_many_sockets_the_kernel_map_forgot_when_the_source_knows():
+    class Evicting(RecordedSource):
+        def counters(self) -> dict[str, int]:
+            return {"lost": 0, "sock_evicted_min": 37}
+
+    out = io.BytesIO()
+    agg = Aggregator(leak_after_s=60, mono_to_wall_ns=WALL_OFFSET_NS)
+    loop = TraceLoop(Evicting([raw(leaking_server())], [0]), agg, [NdjsonSink(out)])
+    loop.stop()
+    assert loop.run(None)["sock_evicted_min"] == 37
+    summary, _ = run_loop([raw(leaking_server())], [0])
+    assert "sock_evicted_min" not in summary  # a recorded source knows nothing of the map

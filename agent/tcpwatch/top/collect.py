@@ -572,6 +572,9 @@ class KernelCollector:
         self.agg.note_lost(counts.get("lost", 0), now_ns, counts.get("missed", 0))
         lost = self.agg.lost
         warnings = list(self.warnings)
+        if counts.get("sock_evicted_min"):
+            warnings.append(f"the kernel's socket map (LRU) forgot at least "
+                            f"{counts['sock_evicted_min']} sockets: their owners may be unknown")
         if counts.get("cw_full"):
             # Bounded map: the rest are still counted and shown, from /proc only.
             warnings.append(f"{counts['cw_full']} sockets entered CLOSE_WAIT while the kernel's "
