@@ -85,9 +85,9 @@ class TcpEntry(NamedTuple):
         return self[:6]  # the first six fields, in this order (a C-level slice)
 
 
-@dataclass(frozen=True)
-class Holder:
-    """A process holding a descriptor to a socket: Holder(pid=812, comm='server', fd=5)."""
+class Holder(NamedTuple):
+    """A process holding a descriptor to a socket: Holder(pid=812, comm='server', fd=5).
+    (A NamedTuple: there is one per open socket descriptor, 100,000s on a big host.)"""
 
     pid: int
     comm: str
