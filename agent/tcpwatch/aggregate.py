@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import socket
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -606,10 +606,15 @@ class Aggregator:
         >>> agg.seed_existing([e], held, now)[0]["pid"]               # doctest: +SKIP
         812
         """
+        return list(self.iter_existing(entries, holders, now_mono_ns))
+
+    def iter_existing(self, entries: list, holders: dict, now_mono_ns: int) -> Iterator[dict]:
+        """seed_existing(), one record at a time: with 100,000 sockets already in CLOSE_WAIT,
+        a list of their records alone would take ~150 MB. Each socket is tracked as its
+        record is taken."""
         if self._start_ns is None:
             self._start_ns = now_mono_ns
         known = self._known_tuples()
-        out = []
         for e in entries:
             if e.state not in (CLOSE_WAIT, "CLOSE_WAIT"):
                 continue
@@ -628,8 +633,7 @@ class Aggregator:
                 t.holder = (held[0].pid, held[0].comm)
             self._unbound.setdefault(key, []).append(t)
             self._pending[t] = None
-            out.append(self._existing_record(t, held, now_mono_ns))
-        return out
+            yield self._existing_record(t, held, now_mono_ns)
 
     def _known_tuples(self) -> dict[tuple, list[int]]:
         """match key -> netns of every socket tracked now (built once per seed)."""

@@ -301,12 +301,13 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
     # Snapshot before `start` is out: whoever waits for `start` to make a socket must not
     # see it reported as pre-existing. Sockets caught both ways are reconciled by the
     # aggregator (the kernel's entry time wins).
-    existing = []
+    seen = None
     if not states or schema.CLOSE_WAIT in states:
-        existing = _existing(agg, procnet, ports, now)
+        seen = _existing(procnet, ports)
     try:
         loop.emit([start])
-        loop.emit(existing)
+        if seen is not None:  # their records, one at a time (there may be 100,000s)
+            loop.emit(agg.iter_existing(*seen, now))
         for sink in sinks:
             sink.flush()
         loop.stopping = bool(stop_requested)
@@ -327,12 +328,12 @@ def _install_stop(loop, stop_requested: list) -> None:
         loop.stop()
 
 
-def _existing(agg, procnet, ports, now: int) -> list[dict]:
-    """Sockets already in CLOSE_WAIT, in every reachable network namespace."""
+def _existing(procnet, ports) -> tuple[list, dict]:
+    """Sockets already in CLOSE_WAIT, in every reachable network namespace, and their
+    holders: (entries, inode -> holders)."""
     entries = procnet.snapshot({schema.CLOSE_WAIT})
     if ports:
         entries = [e for e in entries if e.lport in ports or e.rport in ports]
-    holders = procnet.holders_of({e.inode for e in entries if e.inode})
-    return agg.seed_existing(entries, holders, now)
+    return entries, procnet.holders_of({e.inode for e in entries if e.inode})
 
 
