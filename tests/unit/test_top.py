@@ -205,7 +205,7 @@ def test_port_risk_and_fin_wait2_from_entries():
     e.append(Entry(NETNS, 4, "10.0.0.1", 5432, "0.0.0.0", 0, state=10, inode=5))
     (risk,) = hostinfo.port_risk(e, (40000, 40011), {40011})
     assert (risk.held, risk.usable, risk.level) == (11, 11, "critical")
-    (peer,) = hostinfo.fin_wait2_by_peer(e, {e[10].key: 100.0}, 160.0)
+    (peer,) = hostinfo.fin_wait2_by_peer(e, {hostinfo.seen_key(e[10]): 100.0}, 160.0)
     assert (peer.remote, peer.count, peer.oldest_s) == ("10.0.0.60:5432", 1, 60.0)
     assert hostinfo.ephemeral_in_use(e, (40000, 40011)) == 11
 

@@ -158,7 +158,7 @@ class _HostView:
         self.holders = HolderCache(lambda inodes: self._holders_of(inodes))
         self._cgroups: dict[int | None, str] = {}  # per frame: one /proc lookup per process
         self.clock = clock
-        self.first_seen: dict[tuple, float] = {}  # TcpEntry.key -> monotonic seconds
+        self.first_seen: dict[int, float] = {}  # hostinfo.seen_key() -> monotonic seconds
         self.started_s: float | None = None  # the first sample: nothing was watched before
         self.hostname = socket.gethostname()
 
@@ -177,8 +177,9 @@ class _HostView:
         now_s = self.clock() / 1e9
         first = self.first_seen.get
         watched = (CLOSE_WAIT, hostinfo.FIN_WAIT2)
-        # e[:6] is TcpEntry.key, without a property call per socket (100,000s of them).
-        self.first_seen = {e[:6]: first(e[:6], now_s) for e in entries if e[6] in watched}
+        # hash(e[:6]) is hostinfo.seen_key(e), inlined: this runs for 100,000s of sockets.
+        self.first_seen = {k: first(k, now_s) for k in
+                           [hash(e[:6]) for e in entries if e[6] in watched]}
         if self.started_s is None:
             self.started_s = now_s
         return entries, now_s
@@ -230,7 +231,7 @@ class _HostView:
             cgroup = cgroups.get(pid)
             if cgroup is None:
                 cgroup = cgroups[pid] = self.cgroup_of(pid)
-            age = now_s - first(e[:6], now_s)
+            age = now_s - first(hash(e[:6]), now_s)  # hostinfo.seen_key(e)
             # rx_queue less the FIN's 1, as TcpEntry.unread
             unread = rx_queue - 1 if state == CLOSE_WAIT and rx_queue > 0 else rx_queue
             append(CwSock(pid, comm, cgroup, lport, raddr, rport, round(age, 3), unread, cause,
