@@ -164,8 +164,14 @@ def main(args: list[str] | None = None) -> None:
     "--keep", type=click.IntRange(min=0), default=None, metavar="N",
     help="With --rotate-*: keep the N newest rotated files (gzipped), delete older ones.",
 )
+@click.option(
+    "--buffer-mb", type=click.IntRange(min=1, max=1024), default=8, show_default=True,
+    metavar="MB", callback=lambda ctx, param, value: _power_of_two(param, value),
+    help="Kernel ring buffer size, a power of two: what it holds (~7,000 events a MB) is "
+    "what a burst can outrun the agent by before events are lost (and counted).",
+)
 def trace(fmt, output, leak_after, duration, pids, ports, states, stacks, rotate_size,
-          rotate_age, keep) -> None:
+          rotate_age, keep, buffer_mb) -> None:
     """Show every TCP state transition on this host, with CLOSE_WAIT timing and leaks.
 
     \b
@@ -190,7 +196,7 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks, rotate
     sinks = _open_sinks(fmt, output, rotate_size, rotate_age, keep)
     source = loader.KernelSource(
         loader.Options(stacks=stacks, pids=tuple(pids), ports=tuple(ports), states=tuple(states),
-                       ring_pages=_ring_pages())
+                       ring_pages=_ring_pages(buffer_mb * 256))
     )
     stop_requested = []
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(1))
@@ -217,10 +223,17 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks, rotate
         )
 
 
-def _ring_pages() -> int:
-    """Ring buffer size in pages; TCPWATCH_RING_PAGES overrides it (benchmarks force losses
-    with a tiny one). bcc wants a power of two."""
-    raw = os.environ.get("TCPWATCH_RING_PAGES", "2048")
+def _power_of_two(param: click.Parameter, value: int) -> int:
+    if value & (value - 1):
+        raise click.BadParameter(f"{value} is not a power of two (1, 2, 4, 8, ...)",
+                                 param=param)
+    return value
+
+
+def _ring_pages(pages: int = 2048) -> int:
+    """Ring buffer size in pages (4 KiB); TCPWATCH_RING_PAGES overrides it (benchmarks force
+    losses with a tiny one). bcc wants a power of two."""
+    raw = os.environ.get("TCPWATCH_RING_PAGES", str(pages))
     if not raw.isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
         raise Fatal(f"TCPWATCH_RING_PAGES={raw!r} must be a power of two, e.g. 1, 64, 2048")
     return int(raw)

@@ -28,7 +28,7 @@ def test_trace_help_lists_every_option(flag, capsys):
     code, out, _ = run(["trace", flag], capsys)
     assert code == 0
     for opt in ("--format", "--output", "--leak-after", "--duration", "--pid", "--port",
-                "--state", "--stacks"):
+                "--state", "--stacks", "--buffer-mb"):
         assert opt in out
     assert "sudo tcpwatch trace" in out
 
@@ -46,6 +46,9 @@ def test_trace_help_lists_every_option(flag, capsys):
         (["trace", "--duration", "soon"], "--duration"),
         (["trace", "--format", "xml"], "--format"),
         (["trace", "--nope"], "--nope"),
+        (["trace", "--buffer-mb", "3"], "--buffer-mb"),
+        (["trace", "--buffer-mb", "0"], "--buffer-mb"),
+        (["trace", "--buffer-mb", "2048"], "--buffer-mb"),
         (["frobnicate"], "frobnicate"),
     ],
 )
@@ -127,3 +130,25 @@ def test_real_unprivileged_user_gets_no_traceback():
     assert proc.stderr.strip().splitlines() == [
         "tcpwatch: error: tracing needs root: run it with sudo (e.g. sudo tcpwatch trace)"
     ]
+
+
+@pytest.mark.parametrize("mb,pages", [(1, 256), (8, 2048), (32, 8192)])
+def test_buffer_mb_sizes_the_kernel_ring(monkeypatch, capsys, mb, pages):
+    seen = []
+
+    class Source:
+        def __init__(self, opts):
+            seen.append(opts)
+
+        def open(self):
+            raise loader.LoaderError("stop here")
+
+        def close(self):
+            pass
+
+    monkeypatch.delenv("TCPWATCH_RING_PAGES", raising=False)
+    monkeypatch.setattr(loader, "preflight", lambda: [])
+    monkeypatch.setattr(loader, "KernelSource", Source)
+    code, _, err = run(["trace", "--buffer-mb", str(mb)], capsys)
+    assert code == 1 and "stop here" in err
+    assert seen[0].ring_pages == pages
