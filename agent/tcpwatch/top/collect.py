@@ -60,14 +60,21 @@ def _tuple4(laddr: str, lport: int, raddr: str, rport: int) -> tuple:
     return (canonical(laddr), lport, canonical(raddr), rport)
 
 
-def _close_wait_by_tuple(entries: Iterable[TcpEntry]) -> dict[tuple, list[TcpEntry]]:
-    """The /proc sockets in CLOSE_WAIT by (laddr, lport, raddr, rport); one key may hold
-    several (the same 4-tuple in different network namespaces)."""
+def _close_wait_by_tuple(cw: Iterable[TcpEntry], keys: set[tuple]) -> dict[tuple, list]:
+    """The CLOSE_WAIT entries whose (laddr, lport, raddr, rport) is one of `keys`, by it; one
+    key may hold several (the same 4-tuple in different network namespaces). Only the keys
+    asked for: with 100,000 sockets pre-existing and none tracked, nothing is indexed."""
     out: dict[tuple, list[TcpEntry]] = {}
-    for e in entries:
-        if e.state == CLOSE_WAIT:
-            out.setdefault(_tuple4(e.laddr, e.lport, e.raddr, e.rport), []).append(e)
+    if keys:
+        for e in cw:
+            key = _tuple4(e.laddr, e.lport, e.raddr, e.rport)
+            if key in keys:
+                out.setdefault(key, []).append(e)
     return out
+
+
+def _keys_of(tracked: list) -> set[tuple]:
+    return {_tuple4(s.tuple[1], s.tuple[2], s.tuple[3], s.tuple[4]) for s in tracked}
 
 
 def listener_inodes(entries: Iterable[TcpEntry]) -> dict[tuple[int, int, str], int]:
@@ -471,14 +478,17 @@ class KernelCollector:
         now_ns = v.clock()
         if self.cw_map:
             entries, now_s = v.read()
-            procs = _close_wait_by_tuple(entries)
+            cw = [e for e in entries if e[6] == CLOSE_WAIT]
             tracked = self._map_tracked(now_ns)
+            procs = _close_wait_by_tuple(cw, _keys_of(tracked))
             self._forget_stale(tracked, procs, now_ns)
-            return self._build(entries, procs, now_s, now_ns, tracked)
+            return self._build(entries, cw, procs, now_s, now_ns, tracked)
         self.agg.tick(now_ns)
         entries, now_s = v.read()
+        cw = [e for e in entries if e[6] == CLOSE_WAIT]
         tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
-        return self._build(entries, _close_wait_by_tuple(entries), now_s, now_ns, tracked)
+        procs = _close_wait_by_tuple(cw, _keys_of(tracked))
+        return self._build(entries, cw, procs, now_s, now_ns, tracked)
 
     def _forget_stale(self, tracked: list, procs: dict, now_ns: int) -> None:
         """Map entries whose socket /proc no longer shows in CLOSE_WAIT: their exit was never
@@ -491,9 +501,9 @@ class KernelCollector:
             gone = {id(s) for s in stale}
             tracked[:] = [s for s in tracked if id(s) not in gone]
 
-    def _build(self, entries: list[TcpEntry], procs: dict, now_s: float, now_ns: int,
-               tracked: list) -> Sample:
-        """procs: _close_wait_by_tuple(entries)."""
+    def _build(self, entries: list[TcpEntry], cw: list[TcpEntry], procs: dict, now_s: float,
+               now_ns: int, tracked: list) -> Sample:
+        """cw: the CLOSE_WAIT entries; procs: _close_wait_by_tuple(cw, the tracked keys)."""
         v = self.view
         matched = {}
         for s in tracked:
@@ -504,8 +514,7 @@ class KernelCollector:
         used = {id(e) for e in matched.values() if e is not None}
         # In CLOSE_WAIT per /proc but not tracked: its entry event is not drained yet, or was
         # lost. Shown anyway (first-sight age, /proc-only cause) so counts agree with `ss`.
-        untracked = [e for es in procs.values() for e in es
-                     if id(e) not in used and v.wanted(e.lport, e.rport)]
+        untracked = [e for e in cw if id(e) not in used and v.wanted(e.lport, e.rport)]
         listeners = listener_inodes(entries)
         inodes = {e.inode or listener_of(e, listeners)
                   for e in [*matched.values(), *untracked] if e is not None}
