@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable as _Callable
 from collections.abc import Iterable
 from typing import Callable, Protocol
 
@@ -58,7 +57,7 @@ class BackgroundResolver:
     The worker's syscalls release the GIL, so draining goes on meanwhile.
     """
 
-    def __init__(self, resolve: _Callable[[list], dict]) -> None:
+    def __init__(self, resolve: Callable[[list], dict]) -> None:
         self._resolve = resolve
         self._cv = threading.Condition()
         self._job: tuple[object, list] | None = None
@@ -94,7 +93,7 @@ class BackgroundResolver:
     def wait(self, timeout_s: float) -> bool:
         """Wait until the batch in hand is finished; False on timeout."""
         with self._cv:
-            return self._cv.wait_for(lambda: self._done or not self._busy, timeout_s)
+            return bool(self._cv.wait_for(lambda: self._done or not self._busy, timeout_s))
 
     def close(self) -> None:
         with self._cv:
