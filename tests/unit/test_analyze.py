@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import goldens
 import orjson
 import pytest
 
@@ -29,12 +30,10 @@ from tcpwatch.analyze import engine, inputs, report, sketch, timeparse
 from tcpwatch.analyze.engine import Analyzer, Options
 
 HERE = Path(__file__).parent
-GOLDEN = HERE / "golden"
 LOGS = HERE / "fixtures" / "logs"
 RECORDED = LOGS / "recorded.ndjson"
 ROTATED = str(LOGS / "recorded-rotated.ndjson*")
 SYNTHETIC = LOGS / "synthetic.ndjson"  # a copy of the NDJSON sink golden: every record kind
-REGEN = os.environ.get("TCPWATCH_REGEN_GOLDEN") == "1"
 
 START = b'{"event":"start","ts":"2026-11-21T05:13:00.000000Z","v":1,"hostname":"h","pid":1,' \
         b'"leak_after_s":30.0}'
@@ -51,10 +50,7 @@ def run(args: list[str], capsys, stdin: bytes | None = None, monkeypatch=None):
 
 
 def golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.write_text(text)
-    assert text == path.read_text(), f"{name} differs (TCPWATCH_REGEN_GOLDEN=1 to update)"
+    goldens.check_golden(name, text, __file__)
 
 
 def state(ts: str, sk: str, old: str, new: str, lport=8080, rport=50000, pid=7) -> bytes:

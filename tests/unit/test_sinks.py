@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import doctest
 import io
-import os
 import re
 import stat
 from pathlib import Path
 
 import click
+import goldens
 import orjson
 import pytest
+from goldens import GOLDEN
 from streams import (
     NETNS,
     SEC,
@@ -44,8 +45,6 @@ from tcpwatch.sinks.ndjson import NdjsonSink, open_ndjson
 from tcpwatch.sinks.table import TableSink
 from tcpwatch.timefmt import rfc3339
 
-GOLDEN = Path(__file__).parent / "golden"
-REGEN = os.environ.get("TCPWATCH_REGEN_GOLDEN") == "1"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "ndjson.md"
 
 SERVER = Proc(812, "server")
@@ -156,16 +155,7 @@ def fake_symbolize(ev: dict) -> dict:
 
 
 def check_golden(name: str, actual: bytes) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(actual)
-    expected = path.read_bytes() if path.exists() else b""
-    assert actual == expected, (
-        f"{path} differs from this run's output. If the change is intended, regenerate with\n"
-        f"  TCPWATCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest {Path(__file__).name}\n"
-        "and review `git diff tests/unit/golden/` before committing."
-    )
+    goldens.check_golden(name, actual, __file__)
 
 
 def render_table(records: list[dict], width: int = 100, color: bool = False) -> str:

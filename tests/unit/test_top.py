@@ -11,11 +11,10 @@ and read `git diff tests/unit/golden/` before committing.
 from __future__ import annotations
 
 import doctest
-import os
 import socket
 import time
-from pathlib import Path
 
+import goldens
 import orjson
 import pytest
 from click.testing import CliRunner
@@ -25,9 +24,6 @@ from tcpwatch import schema
 from tcpwatch.top import collect, command, hostinfo, model, view
 from tcpwatch.top.hostinfo import PeerWait, PortRisk
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, build_rows
-
-GOLDEN = Path(__file__).parent / "golden"
-REGEN = os.environ.get("TCPWATCH_REGEN_GOLDEN") == "1"
 
 
 def sock(pid, comm, age, cause, lport=8080, raddr="10.0.0.2", rport=50000, unread=0,
@@ -71,12 +67,7 @@ def sample() -> Sample:
 
 
 def check_golden(name: str, actual: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.write_text(actual)
-    assert actual == (path.read_text() if path.exists() else ""), (
-        f"{path} differs; if intended: TCPWATCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest "
-        f"{Path(__file__).name} and review the diff")
+    goldens.check_golden(name, actual, __file__)
 
 
 # -------------------------------------------------------------------------------- model

@@ -18,10 +18,10 @@ from __future__ import annotations
 import doctest
 import gzip
 import io
-import os
 import sys
 from pathlib import Path
 
+import goldens
 import orjson
 import pytest
 from click.testing import CliRunner
@@ -36,9 +36,7 @@ from tcpwatch.top import collect, command, replay
 from tcpwatch.top.model import build_rows, filter_sample, keep_only
 
 HERE = Path(__file__).parent
-GOLDEN = HERE / "golden"
 LOGS = HERE / "fixtures" / "logs"
-REGEN = os.environ.get("TCPWATCH_REGEN_GOLDEN") == "1"
 T0 = epoch("2026-11-21T05:13:00.000000Z")
 HOOKS = {"state": "tracepoint:sock:inet_sock_set_state", "buffer": "ring",
          "owner": "sock:sock_recv_length", "outcome": "syscalls:sys_enter_close",
@@ -167,12 +165,7 @@ def stuck(sample) -> list[tuple]:
 
 
 def check_golden(name: str, actual: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.write_text(actual)
-    assert actual == (path.read_text() if path.exists() else ""), (
-        f"{path} differs; if intended: TCPWATCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest "
-        f"{Path(__file__).name} and review the diff")
+    goldens.check_golden(name, actual, __file__)
 
 
 # ------------------------------------------------------------------ the sockets at several T
