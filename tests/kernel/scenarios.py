@@ -522,5 +522,59 @@ class Scenario:
                 stream.close()
 
 
+
+# --- a burst of connections, for tests that overflow a tiny buffer --------------------------
+
+# Per loopback connection closed by the client first: client CLOSE>SYN_SENT>ESTABLISHED>
+# FIN_WAIT1>FIN_WAIT2>CLOSE, server child LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>
+# CLOSE.
+PER_CONNECTION = 10
+
+_BURST = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(4096)
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()  # wait until the tracer filters on our port
+for _ in range(int(sys.argv[1])):
+    c = socket.create_connection(s.getsockname())
+    a, _ = s.accept()
+    c.close()
+    a.close()
+s.close()
+print("done", flush=True)
+"""
+
+
+class Burst:
+    """`connections` loopback connections, made as fast as a child process can once go() is
+    called. Its listener is bound (and `port` known) from the start, so a tracer can filter on
+    it; that listener's LISTEN>CLOSE is one more transition than PER_CONNECTION per connection.
+    """
+
+    def __init__(self, connections: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BURST, str(connections)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.port = int(self.proc.stdout.readline())
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def done(self) -> bool:
+        """Waits for the child's last line: True once every connection was made."""
+        return self.proc.stdout.readline().strip() == "done"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

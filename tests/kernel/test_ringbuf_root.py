@@ -12,21 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
+from scenarios import PER_CONNECTION, Burst
 
 from tcpwatch import loader, schema
 
 pytestmark = pytest.mark.kernel
 
-# Per loopback connection closed by the client first: client CLOSE>SYN_SENT>ESTABLISHED>
-# FIN_WAIT1>FIN_WAIT2>CLOSE, server child LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>
-# CLOSE (as in test_lost_events.py).
-PER_CONNECTION = 10
 CLIENT_CHAIN = ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
 SERVER_CHAIN = ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
 TIMING = ("ts_ns", "prev_ns", "cw_ns", "fin_read_ns")  # differ between two programs
@@ -140,42 +134,21 @@ def test_mmap_reader_delivers_what_bcc_delivers(monkeypatch, one_cpu):
         (4, "127.0.0.1", "127.0.0.1"), (4, "127.0.0.1", "0.0.0.0")}  # the latter: listener
 
 
-BURST = textwrap.dedent(
-    """
-    import socket, sys
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(4096)
-    print(s.getsockname()[1], flush=True)
-    sys.stdin.readline()  # wait until the tracer filters on our port
-    for _ in range(int(sys.argv[1])):
-        c = socket.create_connection(s.getsockname())
-        a, _ = s.accept()
-        c.close()
-        a.close()
-    s.close()
-    print("done", flush=True)
-    """
-)
 
 
 def test_one_page_ring_accounts_for_every_transition(monkeypatch):
     connections = 2000
     made = connections * PER_CONNECTION + 1
-    burst = subprocess.Popen(
-        [sys.executable, "-c", BURST, str(connections)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
+    burst = Burst(connections)
+    port = burst.port
     try:
-        port = int(burst.stdout.readline())
         with kernel_source("mmap", monkeypatch, ports=(port,), ring_pages=1) as src:
             assert src._ring.data_size == 4096
             got: list[bytes] = []
-            burst.stdin.write("go\n")
-            burst.stdin.flush()
-            while burst.poll() is None:  # drain as trace does, on a short timer
+            burst.go()
+            while burst.running():  # drain as trace does, on a short timer
                 got += src.poll(0.002)
-            assert burst.stdout.readline().strip() == "done"
+            assert burst.done()
             deadline = time.monotonic() + 10
             while True:
                 got += src.poll(0.05)
@@ -186,8 +159,7 @@ def test_one_page_ring_accounts_for_every_transition(monkeypatch):
             got += src.poll(0)
             counts = src.counters()
     finally:
-        burst.kill()
-        burst.wait()
+        burst.close()
     assert counts["lost"] > 0, "a one-page ring should overflow under this burst"
     assert len(got) == counts["events"], counts
     assert len(got) + counts["lost"] + counts["missed"] == made, (len(got), counts)
