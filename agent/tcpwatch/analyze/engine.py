@@ -53,6 +53,12 @@ def check_version(start: dict, name: str, lineno: int, verb: str) -> None:
         )
 
 
+def run_of(start: dict) -> tuple[str, object, object]:
+    """What identifies the run a `start` record opens: (hostname, pid, ts). A rotated or
+    reopened file repeats its run's `start`: same identity, same run."""
+    return (str(start.get("hostname") or ""), start.get("pid"), start.get("ts"))
+
+
 class IncompatibleLog(Exception):
     """A log written with a schema version this reader does not know."""
 
@@ -408,11 +414,11 @@ class Analyzer:
 
     def _start(self, rec: dict, name: str, lineno: int) -> None:
         check_version(rec, name, lineno, "analyse")
-        host = str(rec.get("hostname") or "")
-        ident = (host, rec.get("pid"), rec.get("ts"))
+        ident = run_of(rec)
         if ident == self._session_id:
             return  # the same run: a rotated or reopened file's header
         self._session_id = ident
+        host = ident[0]
         self.session_count += 1
         if len(self.sessions) < 100:
             self.sessions.append({

@@ -46,6 +46,7 @@ from tcpwatch.analyze.engine import (
     _is_json,
     _reason,
     check_version,
+    run_of,
 )
 from tcpwatch.analyze.timeparse import epoch, parse_when, stamp
 from tcpwatch.classify import SLOW_CLOSE_S, ended_cause, stuck_cause
@@ -475,11 +476,11 @@ class Replayer:
 
     def _start(self, rec: dict, ts: str, name: str, lineno: int) -> None:
         check_version(rec, name, lineno, "replay")
-        host = str(rec.get("hostname") or "")
-        ident = (host, rec.get("pid"), rec.get("ts"))
+        ident = run_of(rec)
         if ident == self._run:
             return  # the same run: a rotated or reopened file's header
         self._run = ident
+        host = ident[0]
         self.runs += 1
         self.host, self.run_start, self.run_ended = host, ts, None
         if host not in self.hostnames:
