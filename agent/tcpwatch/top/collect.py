@@ -184,9 +184,9 @@ class _HostView:
         now_s = self.clock() / 1e9
         first = self.first_seen.get
         watched = (CLOSE_WAIT, hostinfo.FIN_WAIT2)
-        # hash(e[:6]) is hostinfo.seen_key(e), inlined: this runs for 100,000s of sockets.
+        key = hostinfo.seen_key
         self.first_seen = {k: first(k, now_s) for k in
-                           [hash(e[:6]) for e in entries if e[6] in watched]}
+                           [key(e) for e in entries if e[6] in watched]}
         if self.started_s is None:
             self.started_s = now_s
         return entries, now_s
@@ -216,7 +216,7 @@ class _HostView:
         leaked: age >= leak_after_s (never when None: the caller knows no better).
         """
         first = self.first_seen.get
-        cgroups: dict[int | None, str] = {}
+        cgroup_of, seen_key = self.cgroup_of, hostinfo.seen_key
         # Without a kernel owner the cause depends only on inode 0 and rx_queue: one
         # stuck_cause() call per distinct pair, not per socket.
         causes: dict[tuple[bool, int], str] = {}
@@ -224,7 +224,7 @@ class _HostView:
         never = leak_after_s is None
         append = out.append
         for e in entries:
-            _, _, _, lport, raddr, rport, state, _, rx_queue, _, inode = e
+            _, _, _, lport, raddr, rport, _, _, rx_queue, _, inode = e
             # A socket in the accept queue (inode 0) is charged to its listener's holder.
             held = holders.get(inode) if inode else holders.get(listener_of(e, listeners))
             if held:
@@ -235,14 +235,9 @@ class _HostView:
             if cause is None:
                 cause = causes[(inode == 0, rx_queue)] = stuck_cause(
                     inode=inode, rx_queue=rx_queue, holders=None, owner=None, eof_read=False)
-            cgroup = cgroups.get(pid)
-            if cgroup is None:
-                cgroup = cgroups[pid] = self.cgroup_of(pid)
-            age = now_s - first(hash(e[:6]), now_s)  # hostinfo.seen_key(e)
-            # rx_queue less the FIN's 1, as TcpEntry.unread
-            unread = rx_queue - 1 if state == CLOSE_WAIT and rx_queue > 0 else rx_queue
-            append(CwSock(pid, comm, cgroup, lport, raddr, rport, round(age, 3), unread, cause,
-                          not never and age >= leak_after_s))
+            age = now_s - first(seen_key(e), now_s)
+            append(CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age, 3),
+                          e.unread, cause, not never and age >= leak_after_s))
         return out
 
 

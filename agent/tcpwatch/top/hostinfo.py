@@ -163,7 +163,7 @@ def fin_wait2_by_peer(
     groups: dict[str, list[float]] = {}
     for e in entries:
         if e.state == FIN_WAIT2:
-            age = now_s - first_seen.get(hash(e[:6]), now_s)  # seen_key(e), inlined
+            age = now_s - first_seen.get(seen_key(e), now_s)
             groups.setdefault(endpoint(e.raddr, e.rport), []).append(age)
     rows = [PeerWait(r, len(ages), round(max(ages), 3)) for r, ages in groups.items()]
     rows.sort(key=lambda r: (-r.count, -r.oldest_s, r.remote))
