@@ -180,7 +180,6 @@ class KernelSource:
         self.perf = False
         self._batch: list[bytes] = []
         self._callback = None
-        self.raw_sock_hooks = False  # recv/send hooks attached as raw tracepoints
         # Ring-buffer mode: read through mmap (ringbuf.MmapRing) or bcc's per-event callback.
         self._ring: ringbuf.MmapRing | None = None
         self.ring_reader: str | None = None  # "mmap" or "bcc"; None with the perf buffer
@@ -250,7 +249,7 @@ class KernelSource:
             try:
                 flags = self._defines(state_tp, close_hook, perf, raw)
                 self.bpf = _quiet_bpf(text=src, cflags=flags)
-                state_name, self.perf, self.raw_sock_hooks = name, perf, raw
+                state_name, self.perf = name, perf
                 break
             except Exception as exc:  # bcc raises plain Exception on load/attach failures
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
