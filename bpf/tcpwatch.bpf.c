@@ -8,6 +8,8 @@
 //   TW_STACKS        take kernel/user stacks (--stacks)
 //   TW_PERF_BUFFER   perf buffer instead of the ring buffer (kernels before 5.8)
 //   TW_RAW_SOCK_HOOKS 1: recv/send length hooks as raw tracepoints (see there), 0: classic
+//   TW_RESCUE        1: a raw tracepoint program handles the transitions the classic state
+//                    program is skipped for (see "rescue" below)
 //   TW_MAX_SOCKS, TW_RB_PAGES  map and ring buffer sizes
 // User input never reaches this text: filters live in maps written after load.
 //
@@ -52,6 +54,7 @@ struct tw_sock {
 	u32 pid;
 	u32 tid;
 	u32 netns;
+	u16 sport;       // local port as last seen (the rescue program's fallback, see there)
 	u8 state;        // current state, 0 if unknown
 	u8 owner;        // 0, TW_F_OWNER or TW_F_OWNER_LISTENER
 	u8 rst;          // RST received
@@ -83,12 +86,6 @@ struct tw_err {
 	u16 dport;
 };
 
-struct tw_calib {
-	u64 net;
-	u8 sock[64];
-	u8 bytes[TW_CALIB_BYTES];
-};
-
 BPF_TABLE("lru_hash", u64, struct tw_sock, socks, TW_MAX_SOCKS);
 BPF_TABLE("lru_hash", u32, struct tw_task, tasks, 65536);
 BPF_TABLE("lru_hash", struct tw_listen_key, struct tw_owner, listeners, 65536);
@@ -99,7 +96,9 @@ struct tw_cfg {
 BPF_ARRAY(config, struct tw_cfg, 1);
 BPF_PERCPU_ARRAY(counters, u64, TW_CNT_SLOTS);
 BPF_PERCPU_ARRAY(errs, struct tw_err, 1);
-BPF_ARRAY(calib, struct tw_calib, 1);
+BPF_ARRAY(calib, struct tw_calib, 2);
+// How many of our classic (perf-event) programs run on this CPU now: see "rescue".
+BPF_PERCPU_ARRAY(busy, u32, 1);
 // Sockets in CLOSE_WAIT now (TW_CFG_CW_MAP): top reads this instead of every event.
 #ifndef TW_MAX_CW
 #define TW_MAX_CW 262144
@@ -117,7 +116,28 @@ static __always_inline u64 count(int slot)
 
 	if (!v)
 		return 0;
-	return ++(*v);
+	// One atomic add: the rescue program may run in a softirq between a load and a store.
+	__sync_fetch_and_add(v, 1);
+	return *v;
+}
+
+// Our classic programs hold the per-CPU bpf_prog_active while they run; a TCP transition
+// made by a softirq that interrupts one of them skips the classic state program. Each
+// marks itself here so the rescue program knows that and handles the transition.
+static __always_inline u32 *busy_enter(void)
+{
+	int zero = 0;
+	u32 *b = busy.lookup(&zero);
+
+	if (b)
+		(*b)++;
+	return b;
+}
+
+static __always_inline void busy_exit(u32 *b)
+{
+	if (b)
+		(*b)--;
 }
 
 // --- output: ring buffer (5.8+) or perf buffer, same event, same loss accounting ---
@@ -179,24 +199,39 @@ static __always_inline u32 sock_netns(struct tw_cfg *cf, u64 sk)
 	return inum;
 }
 
-// Dump the head of struct sock and of its struct net for the loader's calibration
-// connection, so it can find (and check) the offsets instead of trusting headers.
-static __always_inline void calibrate(struct tw_cfg *cf, u64 sk, int old, int new, u16 sport)
+// Dump the head of struct sock (and of its struct net) for the loader's calibration
+// sockets, with the tracepoint's view of them, so the loader can find and check the
+// offsets instead of trusting headers.
+static __always_inline void calibrate(struct tw_cfg *cf, u64 sk, int old, int new, u16 family,
+				      u16 sport, u16 dport, u8 *saddr, u8 *daddr)
 {
 	u64 port = cf->v[TW_CFG_CALIB_PORT];
 	u64 net_off = cf->v[TW_CFG_NET_OFF];
-	int zero = 0;
+	int idx;
 	struct tw_calib *c;
 
-	// The listen() of the loader's own socket: bound, so the port is in place.
-	if (!port || sport != port || old != TS_CLOSE || new != TS_LISTEN)
+	if (!port || sport != port)
 		return;
-	c = calib.lookup(&zero);
+	// The listen() of the loader's socket (bound, so the port is in place), and the
+	// child it accepts (connected: every field of the tuple is set).
+	if (old == TS_CLOSE && new == TS_LISTEN)
+		idx = 0;
+	else if (old == TS_SYN_RECV && new == TS_ESTABLISHED)
+		idx = 1;
+	else
+		return;
+	c = calib.lookup(&idx);
 	if (!c)
 		return;
 	bpf_probe_read_kernel(c->sock, sizeof(c->sock), (void *)sk);
-	if (net_off)
-		bpf_probe_read_kernel(&c->net, sizeof(c->net), (void *)(sk + net_off));
+	__builtin_memcpy(c->saddr, saddr, 16);
+	__builtin_memcpy(c->daddr, daddr, 16);
+	c->family = family;
+	c->sport = sport;
+	c->dport = dport;
+	if (idx || !net_off)
+		return;
+	bpf_probe_read_kernel(&c->net, sizeof(c->net), (void *)(sk + net_off));
 	if (c->net)
 		bpf_probe_read_kernel(c->bytes, sizeof(c->bytes), (void *)c->net);
 }
@@ -346,11 +381,11 @@ static __always_inline void cw_refresh(u64 sk, struct tw_sock *s)
 }
 
 static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 family, u16 sport,
-				    u16 dport, u8 *saddr, u8 *daddr)
+				    u16 dport, u8 *saddr, u8 *daddr, u8 flags)
 {
 	u64 now = bpf_ktime_get_ns();
 	u64 prev_ns = 0, cw_ns = 0;
-	u8 flags = 0, outcome = TW_OUT_NONE;
+	u8 outcome = TW_OUT_NONE;
 	struct tw_sock *s, zero = {};
 
 	int zero_key = 0;
@@ -359,7 +394,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 	if (!cf)
 		return 0;
 	count(TW_CNT_TRANSITIONS);
-	calibrate(cf, sk, old, new, sport);
+	calibrate(cf, sk, old, new, family, sport, dport, saddr, daddr);
 	// top (cw map): only what CLOSE_WAIT needs. Births (owner), entries and exits of
 	// CLOSE_WAIT and deaths; the steps in between (SYN_SENT->ESTABLISHED, FIN_WAIT1->
 	// FIN_WAIT2, ...) carry no time top shows, so they cost no socket lookup.
@@ -463,6 +498,8 @@ done:
 	}
 	s->state = new;
 	s->state_ts = now;
+	if (sport)
+		s->sport = sport;
 	if (new == TS_CLOSE_WAIT) {
 		s->cw_ts = now;
 		s->flags &= ~TW_F_READ_IN_CW;
@@ -473,20 +510,95 @@ done:
 #if TW_STATE_TP == 1
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
+	u32 *b = busy_enter();
 	u8 saddr[16] = {}, daddr[16] = {};
 
-	if (args->protocol != TW_IPPROTO_TCP)
-		return 0;
-	if (args->family == TW_AF_INET) {
-		__builtin_memcpy(saddr, args->saddr, 4);
-		__builtin_memcpy(daddr, args->daddr, 4);
-	} else {
-		__builtin_memcpy(saddr, args->saddr_v6, 16);
-		__builtin_memcpy(daddr, args->daddr_v6, 16);
+	if (args->protocol == TW_IPPROTO_TCP) {
+		if (args->family == TW_AF_INET) {
+			__builtin_memcpy(saddr, args->saddr, 4);
+			__builtin_memcpy(daddr, args->daddr, 4);
+		} else {
+			__builtin_memcpy(saddr, args->saddr_v6, 16);
+			__builtin_memcpy(daddr, args->daddr_v6, 16);
+		}
+		on_state(args, (u64)args->skaddr, args->oldstate, args->newstate, args->family,
+			 args->sport, args->dport, saddr, daddr, 0);
 	}
-	return on_state(args, (u64)args->skaddr, args->oldstate, args->newstate, args->family,
-			args->sport, args->dport, saddr, daddr);
+	busy_exit(b);
+	return 0;
 }
+
+#if TW_RESCUE
+// --- rescue: the transitions the classic state program is skipped for ----------------
+// A softirq transition (FIN or SYN-ACK received, ...) that interrupts one of our classic
+// programs finds bpf_prog_active taken and the classic state program is skipped: about
+// 0.05-0.1 % of transitions in a churn. A raw tracepoint program only guards against
+// itself, so this one still runs; it acts only when `busy` says a classic program of
+// ours is running on this CPU, which is exactly when the classic one is skipped. The
+// raw tracepoint has no tuple: it comes from struct sock_common, at offsets the loader
+// checked on its calibration sockets (TW_CFG_RESCUE stays 0 otherwise). Skips it does
+// not recover (another tool's program, the few instructions around ours) stay counted.
+#define SKC_DADDR 0
+#define SKC_RCV_SADDR 4
+#define SKC_DPORT 12
+#define SKC_NUM 14
+#define SKC_FAMILY 16
+struct tw_skc_head {
+	u32 daddr;
+	u32 rcv_saddr;
+	u32 hash;
+	u16 dport; // network byte order
+	u16 num;   // host byte order
+	u16 family;
+};
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+	int zero = 0;
+	u32 *b = busy.lookup(&zero);
+	u64 sk = ctx->args[0], mode, prot = 0;
+	u8 saddr[16] = {}, daddr[16] = {};
+	struct tw_skc_head h = {};
+	struct tw_cfg *cf;
+
+	if (!b || !*b)
+		return 0;
+	cf = config.lookup(&zero);
+	if (!cf)
+		return 0;
+	mode = cf->v[TW_CFG_RESCUE];
+	if (!mode)
+		return 0;
+	bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
+	// TCP sockets point at tcp_prot or tcpv6_prot; SCTP, MPTCP... the classic one ignores.
+	if (!prot || (prot != cf->v[TW_CFG_TCP_PROT] && prot != cf->v[TW_CFG_TCPV6_PROT]))
+		return 0;
+	bpf_probe_read_kernel(&h, sizeof(h), (void *)sk);
+	if (h.family == TW_AF_INET && (mode & 1)) {
+		__builtin_memcpy(saddr, &h.rcv_saddr, 4);
+		__builtin_memcpy(daddr, &h.daddr, 4);
+	} else if (h.family == TW_AF_INET6 && (mode & 2)) {
+		u64 off = cf->v[TW_CFG_V6_OFF];
+
+		bpf_probe_read_kernel(daddr, 16, (void *)(sk + off));
+		bpf_probe_read_kernel(saddr, 16, (void *)(sk + off + 16));
+	} else {
+		return 0;
+	}
+	// On the way to CLOSE, inet_put_port() has zeroed skc_num already; the tracepoint
+	// shows inet_sport, which stays. Use the port this socket had.
+	if (!h.num && (int)ctx->args[2] == TS_CLOSE) {
+		struct tw_sock *s = socks.lookup(&sk);
+
+		if (s)
+			h.num = s->sport;
+	}
+	count(TW_CNT_RESCUED);
+	on_state(ctx, sk, (int)ctx->args[1], (int)ctx->args[2], h.family, h.num,
+		 ntohs(h.dport), saddr, daddr, TW_F_RESCUED);
+	return 0;
+}
+#endif
 #elif TW_STATE_TP == 2
 // Linux 4.15: no family field; an IPv4 socket shows a v4-mapped or empty saddr_v6.
 TRACEPOINT_PROBE(tcp, tcp_set_state)
@@ -508,7 +620,7 @@ TRACEPOINT_PROBE(tcp, tcp_set_state)
 		__builtin_memcpy(daddr, args->daddr_v6, 16);
 	}
 	return on_state(args, (u64)args->skaddr, args->oldstate, args->newstate, family,
-			args->sport, args->dport, saddr, daddr);
+			args->sport, args->dport, saddr, daddr, 0);
 }
 #elif TW_STATE_TP == 3
 // Last resort: kprobe on tcp_set_state(sk, state), fields read through the headers'
@@ -531,7 +643,7 @@ int kprobe__tcp_set_state(struct pt_regs *ctx, struct sock *sk, int state)
 	} else {
 		return 0;
 	}
-	return on_state(ctx, (u64)sk, old, state, family, sport, dport, saddr, daddr);
+	return on_state(ctx, (u64)sk, old, state, family, sport, dport, saddr, daddr, 0);
 }
 #endif
 
@@ -633,12 +745,16 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 #ifdef TW_HAVE_RECV_LENGTH
 TRACEPOINT_PROBE(sock, sock_recv_length)
 {
+	u32 *b;
+
 	if (args->protocol != TW_IPPROTO_TCP)
 		return 0;
 	// MSG_PEEK (2) reads nothing; it says nothing about EOF handling.
 	if (args->flags & 2)
 		return 0;
+	b = busy_enter();
 	seen_in_process(args, (u64)args->sk, args->ret, 1);
+	busy_exit(b);
 	return 0;
 }
 #endif
@@ -646,9 +762,13 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 #ifdef TW_HAVE_SEND_LENGTH
 TRACEPOINT_PROBE(sock, sock_send_length)
 {
+	u32 *b;
+
 	if (args->protocol != TW_IPPROTO_TCP)
 		return 0;
+	b = busy_enter();
 	seen_in_process(args, (u64)args->sk, args->ret, 0);
+	busy_exit(b);
 	return 0;
 }
 #endif
@@ -658,10 +778,12 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 
 static __always_inline void task_doing(u32 what)
 {
+	u32 *b = busy_enter();
 	struct tw_task t = {.ts = bpf_ktime_get_ns(), .what = what};
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 
 	tasks.update(&tid, &t);
+	busy_exit(b);
 }
 
 #ifdef TW_HAVE_SYS_CLOSE
@@ -703,10 +825,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
 	u64 sk = (u64)args->skaddr;
+	u32 *b = busy_enter();
 	struct tw_sock *s = socks.lookup(&sk);
 
 	if (s)
 		s->rst = 1;
+	busy_exit(b);
 	return 0;
 }
 #endif
@@ -718,15 +842,18 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 {
 	int zero = 0;
 	struct tw_err *e;
+	u32 *b;
 
 	if (args->protocol != TW_IPPROTO_TCP)
 		return 0;
+	b = busy_enter();
 	e = errs.lookup(&zero);
 	if (e) {
 		e->ts = bpf_ktime_get_ns();
 		e->sport = args->sport;
 		e->dport = args->dport;
 	}
+	busy_exit(b);
 	return 0;
 }
 #endif
@@ -742,6 +869,8 @@ static __always_inline void on_tcp_close(u64 sk)
 }
 
 #if TW_CLOSE_HOOK == 1
+// fentry guards only against itself, like a raw tracepoint: no busy mark (it would make
+// the rescue program handle transitions the classic one handles too).
 KFUNC_PROBE(tcp_close, struct sock *sk, long timeout)
 {
 	on_tcp_close((u64)sk);
@@ -750,7 +879,10 @@ KFUNC_PROBE(tcp_close, struct sock *sk, long timeout)
 #elif TW_CLOSE_HOOK == 2
 int kprobe__tcp_close(struct pt_regs *ctx, struct sock *sk)
 {
+	u32 *b = busy_enter();
+
 	on_tcp_close((u64)sk);
+	busy_exit(b);
 	return 0;
 }
 #endif

@@ -35,6 +35,7 @@
 #define TW_F_EOF_READ 16      /* the owner has read EOF on this socket */
 #define TW_F_READ_IN_CW 32    /* the owner read from the socket after it entered CLOSE_WAIT */
 #define TW_F_CW_UNKNOWN 64    /* left CLOSE_WAIT but its entry predates tracing: cw_ns is 0 */
+#define TW_F_RESCUED 128      /* handled by the rescue program: the tuple came from struct sock_common */
 
 /* Slots of the per-CPU `counters` array. */
 #define TW_CNT_EVENTS 0      /* events handed to the ring buffer */
@@ -47,6 +48,9 @@
 #define TW_CNT_SOCK_INSERT 7 /* entries added to the socket map */
 #define TW_CNT_SOCK_DELETE 8 /* entries removed from it by a socket's end (not by LRU eviction):
                                 inserts - deletes - max entries is a floor on evictions */
+#define TW_CNT_RESCUED 9     /* transitions the classic state program was skipped for (a softirq
+                                interrupted one of our classic programs) and the raw rescue
+                                program handled instead: missed = recursion misses - this */
 #define TW_CNT_SLOTS 10
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
@@ -59,9 +63,31 @@
 #define TW_CFG_ENABLED 6       /* 0 until filters are set: track sockets, send nothing */
 #define TW_CFG_CW_MAP 7        /* 1: sockets in CLOSE_WAIT live in the `cw` map and only their
                                   exits are sent (top); 0: every wanted event is sent (trace) */
-#define TW_CFG_SLOTS 8
+#define TW_CFG_RESCUE 8        /* bit 0: the rescue program may read IPv4 tuples from struct
+                                  sock_common, bit 1: IPv6 ones (both checked at start-up) */
+#define TW_CFG_PROT_OFF 9      /* offset of skc_prot: a TCP socket points at tcp_prot or */
+#define TW_CFG_TCP_PROT 10     /* tcpv6_prot, whose addresses the calibration sockets show */
+#define TW_CFG_TCPV6_PROT 11
+#define TW_CFG_V6_OFF 12       /* offset of skc_v6_daddr; skc_v6_rcv_saddr follows it */
+#define TW_CFG_SLOTS 13
 
 #define TW_CALIB_BYTES 512
+#define TW_CALIB_SOCK 96
+
+/* `calib` map: what the state program saw of the loader's calibration sockets. Element 0:
+ * the listener (its struct net too), element 1: the accepted child, with the tracepoint's
+ * own view of its tuple to check struct reads against. */
+struct tw_calib {
+	__u64 net;
+	__u8 sock[TW_CALIB_SOCK]; /* the head of struct sock */
+	__u8 bytes[TW_CALIB_BYTES]; /* the head of its struct net */
+	__u8 saddr[16];           /* the tracepoint's arguments */
+	__u8 daddr[16];
+	__u16 family;
+	__u16 sport;
+	__u16 dport;
+	__u16 pad;
+};
 
 /* One record per event, IPv4 addresses in the first 4 bytes of the 16. */
 struct tw_event {

@@ -1,8 +1,9 @@
 """Loading the kernel programs: the only module that imports bcc.
 
 It checks the host (root, bcc, tracefs, headers), picks hooks by trying them,
-calibrates the one struct read it does (the network namespace of a socket), writes
-filters into maps, and hands raw events to its caller in batches.
+calibrates the struct reads it does (the network namespace of a socket; the tuple for the
+rescue program) on sockets of its own, writes filters into maps, and hands raw events to
+its caller in batches.
 
 >>> src = KernelSource(Options(ports=(8080,)))     # doctest: +SKIP
 >>> src.open().hooks["state"]                        # doctest: +SKIP
@@ -31,6 +32,12 @@ TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 SKC_NET_OFFSET = 48
 SKC_FAMILY_OFFSET = 16
 SKC_NUM_OFFSET = 14
+# The rest of struct sock_common the rescue program reads (bpf/tcpwatch.bpf.c), all checked.
+SKC_DADDR_OFFSET = 0
+SKC_RCV_SADDR_OFFSET = 4
+SKC_DPORT_OFFSET = 12
+SKC_PROT_OFFSET = 40
+KERNEL_POINTER_MIN = 0xFFFF800000000000
 # Perf buffer: wake the reader every N events per CPU, not per event (kernel-notes.md:
 # ~6 us per event with 1, ~0.6 us with 64); the rest is drained on the poll timer.
 PERF_WAKEUP_EVENTS = 64
@@ -205,6 +212,9 @@ class KernelSource:
             f"-DTW_MAX_SOCKS={int(self.opts.max_socks)}",
             f"-DTW_RB_PAGES={int(self.opts.ring_pages)}",
             f"-DTW_RAW_SOCK_HOOKS={int(raw)}",
+            # The rescue program is a raw tracepoint on the same event (4.17+); with the perf
+            # buffer it would share the per-CPU scratch event with the program it interrupts.
+            f"-DTW_RESCUE={int(raw and state_tp == 1 and not perf)}",
             f"-I{schema.bpf_dir()}",
         ]
         self.optional = {}
@@ -241,8 +251,8 @@ class KernelSource:
             ("ring", False), ("perf", True)]
         errors = []
         state_name = None
-        # Raw tracepoints for the recv/send hooks (fewer recursion misses, see the C); the
-        # classic ones where they do not load.
+        # Raw tracepoints for the recv/send hooks and the rescue program (fewer recursion
+        # misses, see the C); the classic hooks and no rescue where they do not load.
         raws = (False,) if os.environ.get("TCPWATCH_RAW_HOOKS") == "0" else (True, False)
         for (state_tp, name), (buf_name, perf), raw in itertools.product(
                 state_candidates, buffers, raws):
@@ -255,6 +265,8 @@ class KernelSource:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 kind = "raw" if raw else "classic"
                 errors.append(f"{name} with {buf_name} buffer, {kind} recv/send hooks: {first}")
+        self.rescue_loaded = b"raw_tracepoint__inet_sock_set_state" in self.bpf.funcs if (
+            self.bpf is not None) else False
         if self.bpf is None:
             raise LoaderError("could not load any TCP state hook (" + "; ".join(errors) + ")")
         if errors:
@@ -303,6 +315,7 @@ class KernelSource:
             "owner": ",".join(owner) or None,
             "outcome": ",".join(outcome) or None,
             "netns": self.netns_hook,
+            "rescue": self.rescue_hook,
         }
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
 
@@ -335,40 +348,95 @@ class KernelSource:
         table[key] = settings
 
     def _calibrate(self, state_tp: int) -> list[str]:
-        """Find where struct net keeps the namespace inode, by making a connection in our
-        own namespace and looking for our inode in the struct the kernel points to."""
+        """Check the struct reads against sockets of our own: the namespace inode through
+        struct net (looked for where the kernel points), and the tuple the rescue program
+        reads from struct sock_common (compared with what the tracepoint says)."""
+        c = schema.layout().consts
+        self._set(c["TW_CFG_NET_OFF"], SKC_NET_OFFSET)
+        v4 = self._calib_connection(socket.AF_INET, "127.0.0.1", "127.0.0.2")
+        warnings = self._check_netns(v4[0] if v4 else None)
+        self.rescue_hook = None
+        if not self.rescue_loaded:
+            return warnings
+        v6 = None
+        if socket.has_ipv6:
+            with contextlib.suppress(OSError):
+                v6 = self._calib_connection(socket.AF_INET6, "::ffff:127.0.0.1",
+                                            "::ffff:127.0.0.2")
+        check = check_rescue_layout(v4, v6)
+        if check.problems:
+            warnings.append("transitions the kernel skips " + (
+                "for IPv6 sockets " if check.mode else "") + "cannot be rescued ("
+                + "; ".join(check.problems) + "): they stay counted as missed")
+        if check.mode:
+            self._set(c["TW_CFG_PROT_OFF"], SKC_PROT_OFFSET)
+            self._set(c["TW_CFG_TCP_PROT"], check.tcp_prot)
+            self._set(c["TW_CFG_TCPV6_PROT"], check.tcpv6_prot)
+            self._set(c["TW_CFG_V6_OFF"], check.v6_off)
+            self._set(c["TW_CFG_RESCUE"], check.mode)
+            self.rescue_hook = "raw_tracepoint:inet_sock_set_state (" + (
+                "IPv4+IPv6" if check.mode == 3 else "IPv4") + ", checked)"
+        return warnings
+
+    def _calib_connection(self, family: int, server: str, client: str
+                          ) -> tuple[dict, dict] | None:
+        """One connection from `client` to a listener on `server` while the state program
+        dumps what it sees of both ends (calibrate() in the C): (listener, accepted child)
+        as tw_calib dicts, or None if the kernel skipped those transitions every time."""
+        c = schema.layout().consts
+        lay = schema.layout_of("tw_calib")
+        table = self.bpf["calib"]
+        empty = table.Leaf()
+        for _ in range(3):  # a transition can be skipped (a recursion miss): try again
+            for i in (0, 1):
+                table[ctypes.c_int(i)] = empty
+            with socket.socket(family) as lsock, socket.socket(family) as csock:
+                if family == socket.AF_INET6:
+                    lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    csock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                lsock.bind((server, 0))
+                port = lsock.getsockname()[1]
+                self._set(c["TW_CFG_CALIB_PORT"], port)
+                try:
+                    lsock.listen(1)
+                    csock.bind((client, 0))
+                    csock.connect((server, port))
+                    child, _ = lsock.accept()
+                    child.close()
+                finally:
+                    self._set(c["TW_CFG_CALIB_PORT"], 0)
+            dumps = tuple(dict(zip(lay.names, lay.struct.unpack(bytes(table[ctypes.c_int(i)]))))
+                          for i in (0, 1))
+            if all(d["sport"] == port for d in dumps):
+                return dumps
+        return None
+
+    def _check_netns(self, listener: dict | None) -> list[str]:
         c = schema.layout().consts
         self.netns_hook = None
         want = os.stat("/proc/self/ns/net").st_ino
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            port = lsock.getsockname()[1]
-            self._set(c["TW_CFG_NET_OFF"], SKC_NET_OFFSET)
-            self._set(c["TW_CFG_CALIB_PORT"], port)
-            lsock.listen(1)
-        self._set(c["TW_CFG_CALIB_PORT"], 0)
-        raw = bytes(self.bpf["calib"][ctypes.c_int(0)])
-        net_ptr = struct.unpack_from("=Q", raw, 0)[0]
-        head = raw[8:72]
-        body = raw[72:]
-        family = struct.unpack_from("=H", head, SKC_FAMILY_OFFSET)[0]
-        num = struct.unpack_from("=H", head, SKC_NUM_OFFSET)[0]
         problem = None
-        if family != socket.AF_INET or num != port:
-            problem = "struct sock_common does not have the expected layout"
-        elif net_ptr < 0xFFFF800000000000:
-            problem = "sk->skc_net is not a kernel pointer"
+        if listener is None:
+            problem = "the calibration listener was never seen"
         else:
-            hits = [
-                off for off in range(0, len(body) - 3, 4)
-                if struct.unpack_from("=I", body, off)[0] == want
-            ]
-            if len(hits) != 1:
-                problem = f"namespace inode found {len(hits)} times in struct net"
+            head, body, net_ptr = listener["sock"], listener["bytes"], listener["net"]
+            family = struct.unpack_from("=H", head, SKC_FAMILY_OFFSET)[0]
+            num = struct.unpack_from("=H", head, SKC_NUM_OFFSET)[0]
+            if family != socket.AF_INET or num != listener["sport"]:
+                problem = "struct sock_common does not have the expected layout"
+            elif net_ptr < KERNEL_POINTER_MIN:
+                problem = "sk->skc_net is not a kernel pointer"
             else:
-                self._set(c["TW_CFG_NETNS_OFF"], hits[0])
-                self.netns_hook = f"struct net+{hits[0]} (checked)"
-                return []
+                hits = [
+                    off for off in range(0, len(body) - 3, 4)
+                    if struct.unpack_from("=I", body, off)[0] == want
+                ]
+                if len(hits) != 1:
+                    problem = f"namespace inode found {len(hits)} times in struct net"
+                else:
+                    self._set(c["TW_CFG_NETNS_OFF"], hits[0])
+                    self.netns_hook = f"struct net+{hits[0]} (checked)"
+                    return []
         self._set(c["TW_CFG_NET_OFF"], 0)
         return [f"network namespace ids disabled ({problem}); netns will be null"]
 
@@ -434,7 +502,10 @@ class KernelSource:
         # At most max_socks are there, so this many at least were evicted.
         out["sock_evicted_min"] = max(
             0, out["sock_insert"] - out["sock_delete"] - int(self.opts.max_socks))
-        out["missed"] = sum(recursion_misses(fd) for fd in self._state_fds())
+        # The classic state program's skips, less those the rescue program handled.
+        out["rescued"] = int(sum(table[ctypes.c_int(c["TW_CNT_RESCUED"])]))
+        out["missed"] = max(0, sum(recursion_misses(fd) for fd in self._state_fds())
+                            - out["rescued"])
         return out
 
     def read_cw(self) -> list[tuple[int, tuple]]:
@@ -537,6 +608,59 @@ def _lookup_batch(map_fd: int, key_size: int, value_size: int) -> tuple[bytes, b
             raise OSError(err or -res, "BPF_MAP_LOOKUP_BATCH failed")
         token_in.value, first = token_out.value, False
     return b"".join(keys), b"".join(values)
+
+
+@dataclass
+class RescueLayout:
+    mode: int = 0  # TW_CFG_RESCUE: bit 0 IPv4, bit 1 IPv6
+    tcp_prot: int = 0
+    tcpv6_prot: int = 0
+    v6_off: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check_rescue_layout(v4: tuple[dict, dict] | None, v6: tuple[dict, dict] | None
+                        ) -> RescueLayout:
+    """May the rescue program read tuples from struct sock_common? Each calibration pair is
+    (listener, accepted child) as the state program dumped them (struct tw_calib): the
+    child's bytes must hold the tuple the tracepoint reported for it at the offsets the C
+    reads, and skc_prot must point at the same struct proto for listener and child."""
+    out = RescueLayout()
+    if v4 is None:
+        out.problems.append("the IPv4 calibration connection was never seen")
+        return out
+    listener, child = v4
+    head = child["sock"]
+    daddr, saddr, _, dport, num, family = struct.unpack_from("=IIIHHH", head, 0)
+    want = (struct.unpack_from("=I", child["daddr"])[0],
+            struct.unpack_from("=I", child["saddr"])[0],
+            socket.htons(child["dport"]), child["sport"], socket.AF_INET)
+    prot = struct.unpack_from("=Q", head, SKC_PROT_OFFSET)[0]
+    if child["family"] != socket.AF_INET or daddr == saddr or (
+            daddr, saddr, dport, num, family) != want:
+        out.problems.append("struct sock_common does not hold the IPv4 tuple where expected")
+        return out
+    if prot < KERNEL_POINTER_MIN or prot != struct.unpack_from("=Q", listener["sock"],
+                                                                SKC_PROT_OFFSET)[0]:
+        out.problems.append("sk->skc_prot is not the same kernel pointer for two TCP sockets")
+        return out
+    out.mode, out.tcp_prot = 1, prot
+    if v6 is None:
+        return out  # no IPv6 here: nothing to rescue either
+    listener, child = v6
+    head = child["sock"]
+    prot6 = struct.unpack_from("=Q", head, SKC_PROT_OFFSET)[0]
+    pair = child["daddr"] + child["saddr"]
+    hits = [off for off in range(SKC_PROT_OFFSET + 8, len(head) - 31, 8)
+            if head[off:off + 32] == pair]
+    if child["family"] != socket.AF_INET6 or child["daddr"] == child["saddr"] or len(hits) != 1:
+        out.problems.append(f"the IPv6 addresses found {len(hits)} times in struct sock_common")
+    elif prot6 < KERNEL_POINTER_MIN or prot6 == prot or prot6 != struct.unpack_from(
+            "=Q", listener["sock"], SKC_PROT_OFFSET)[0]:
+        out.problems.append("sk->skc_prot of IPv6 TCP sockets is not one kernel pointer")
+    else:
+        out.mode, out.tcpv6_prot, out.v6_off = 3, prot6, hits[0]
+    return out
 
 
 def recursion_misses(prog_fd: int) -> int:

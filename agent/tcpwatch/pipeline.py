@@ -231,6 +231,9 @@ class TraceLoop:
         if "sock_evicted_min" in counts:
             # The kernel's socket map is bounded (LRU): say if it had to forget sockets.
             summary["sock_evicted_min"] = counts["sock_evicted_min"]
+        if "rescued" in counts:
+            # Transitions the kernel skipped the state program for, recovered (not in `lost`).
+            summary["rescued"] = counts["rescued"]
         self.emit([summary])
         return summary
 

@@ -1,4 +1,4 @@
-"""The Python decoder must agree with the C compiler about struct tw_event."""
+"""The Python decoder must agree with the C compiler about the header's structs."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ import pytest
 from tcpwatch import schema
 
 
-def _c_layout(tmp_path) -> dict[str, tuple[int, int]]:
+def _c_layout(tmp_path, name: str) -> dict[str, tuple[int, int]]:
     """Offsets and sizes of every field as gcc lays them out, plus sizeof."""
-    lay = schema.layout()
+    lay = schema.layout_of(name)
     lines = [
         "#include <stdio.h>",
         "#include <stddef.h>",
         "#include <linux/types.h>",
         '#include "tcpwatch.h"',
         "int main(void) {",
-        '  printf("SIZE %zu 0\\n", sizeof(struct tw_event));',
+        f'  printf("SIZE %zu 0\\n", sizeof(struct {name}));',
     ]
-    for name in lay.names:
+    for field in lay.names:
         lines.append(
-            f'  printf("{name} %zu %zu\\n", offsetof(struct tw_event, {name}),'
-            f" sizeof(((struct tw_event *)0)->{name}));"
+            f'  printf("{field} %zu %zu\\n", offsetof(struct {name}, {field}),'
+            f" sizeof(((struct {name} *)0)->{field}));"
         )
     lines.append("  return 0; }")
     src = tmp_path / "layout.c"
@@ -38,9 +38,10 @@ def _c_layout(tmp_path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to compile the header")
-def test_python_layout_matches_gcc(tmp_path):
-    c = _c_layout(tmp_path)
-    lay = schema.layout()
+@pytest.mark.parametrize("name", ["tw_event", "tw_cw", "tw_calib"])
+def test_python_layout_matches_gcc(tmp_path, name):
+    c = _c_layout(tmp_path, name)
+    lay = schema.layout_of(name)
     assert lay.size == c.pop("SIZE")[0]
     assert {name: (off, size) for name, off, size in lay.fields} == c
 
