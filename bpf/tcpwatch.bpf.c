@@ -538,11 +538,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 // raw tracepoint has no tuple: it comes from struct sock_common, at offsets the loader
 // checked on its calibration sockets (TW_CFG_RESCUE stays 0 otherwise). Skips it does
 // not recover (another tool's program, the few instructions around ours) stay counted.
-#define SKC_DADDR 0
-#define SKC_RCV_SADDR 4
-#define SKC_DPORT 12
-#define SKC_NUM 14
-#define SKC_FAMILY 16
+// The head of struct sock_common (loader.check_rescue_layout() reads the same "=IIIHHH").
 struct tw_skc_head {
 	u32 daddr;
 	u32 rcv_saddr;

@@ -32,10 +32,7 @@ TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 SKC_NET_OFFSET = 48
 SKC_FAMILY_OFFSET = 16
 SKC_NUM_OFFSET = 14
-# The rest of struct sock_common the rescue program reads (bpf/tcpwatch.bpf.c), all checked.
-SKC_DADDR_OFFSET = 0
-SKC_RCV_SADDR_OFFSET = 4
-SKC_DPORT_OFFSET = 12
+# skc_prot, read by the rescue program (its struct tw_skc_head covers offsets 0-17), checked.
 SKC_PROT_OFFSET = 40
 KERNEL_POINTER_MIN = 0xFFFF800000000000
 # Perf buffer: wake the reader every N events per CPU, not per event (kernel-notes.md:
@@ -265,10 +262,9 @@ class KernelSource:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 kind = "raw" if raw else "classic"
                 errors.append(f"{name} with {buf_name} buffer, {kind} recv/send hooks: {first}")
-        self.rescue_loaded = b"raw_tracepoint__inet_sock_set_state" in self.bpf.funcs if (
-            self.bpf is not None) else False
         if self.bpf is None:
             raise LoaderError("could not load any TCP state hook (" + "; ".join(errors) + ")")
+        self.rescue_loaded = b"raw_tracepoint__inet_sock_set_state" in self.bpf.funcs
         if errors:
             warnings.append(f"fell back to {state_name} ({'; '.join(errors)})")
 
@@ -496,14 +492,13 @@ class KernelSource:
         table = self.bpf["counters"]
         out = {}
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED", "TRANSITIONS",
-                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE"):
+                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "RESCUED"):
             out[name.lower()] = int(sum(table[ctypes.c_int(c["TW_CNT_" + name])]))
         # An LRU map evicts silently; entries neither deleted nor still there were evicted.
         # At most max_socks are there, so this many at least were evicted.
         out["sock_evicted_min"] = max(
             0, out["sock_insert"] - out["sock_delete"] - int(self.opts.max_socks))
         # The classic state program's skips, less those the rescue program handled.
-        out["rescued"] = int(sum(table[ctypes.c_int(c["TW_CNT_RESCUED"])]))
         out["missed"] = max(0, sum(recursion_misses(fd) for fd in self._state_fds())
                             - out["rescued"])
         return out
@@ -631,6 +626,7 @@ def check_rescue_layout(v4: tuple[dict, dict] | None, v6: tuple[dict, dict] | No
         return out
     listener, child = v4
     head = child["sock"]
+    # struct tw_skc_head of the C: daddr, rcv_saddr, hash, dport (network order), num, family.
     daddr, saddr, _, dport, num, family = struct.unpack_from("=IIIHHH", head, 0)
     want = (struct.unpack_from("=I", child["daddr"])[0],
             struct.unpack_from("=I", child["saddr"])[0],
