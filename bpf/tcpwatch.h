@@ -48,10 +48,13 @@
 #define TW_CNT_SOCK_INSERT 7 /* entries added to the socket map */
 #define TW_CNT_SOCK_DELETE 8 /* entries removed from it by a socket's end (not by LRU eviction):
                                 inserts - deletes - max entries is a floor on evictions */
-#define TW_CNT_RESCUED 9     /* transitions the classic state program was skipped for (a softirq
-                                interrupted one of our classic programs) and the raw rescue
-                                program handled instead: missed = recursion misses - this */
-#define TW_CNT_SLOTS 10
+#define TW_CNT_RESCUED 9     /* firings the classic state program was skipped for (another classic
+                                program ran on the CPU) that the raw rescue program handled
+                                instead: missed = the kernel's recursion misses - this */
+#define TW_CNT_UNRAN 10      /* firings the rescue program found no record of the classic one
+                                running for, before its layout check too (the loader checks
+                                the programs' order with it) */
+#define TW_CNT_SLOTS 11
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
 #define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */

@@ -203,6 +203,7 @@ class KernelSource:
             "RECEIVE_RESET": ("tcp", "tcp_receive_reset"),
             "ERROR_REPORT": ("sock", "inet_sk_error_report"),
         }
+        self.rescue_built = raw and state_tp == 1 and not perf
         flags = [
             f"-DTW_STATE_TP={state_tp}",
             f"-DTW_CLOSE_HOOK={close_hook}",
@@ -211,7 +212,7 @@ class KernelSource:
             f"-DTW_RAW_SOCK_HOOKS={int(raw)}",
             # The rescue program is a raw tracepoint on the same event (4.17+); with the perf
             # buffer it would share the per-CPU scratch event with the program it interrupts.
-            f"-DTW_RESCUE={int(raw and state_tp == 1 and not perf)}",
+            f"-DTW_RESCUE={int(self.rescue_built)}",
             f"-I{schema.bpf_dir()}",
         ]
         self.optional = {}
@@ -264,9 +265,9 @@ class KernelSource:
                 errors.append(f"{name} with {buf_name} buffer, {kind} recv/send hooks: {first}")
         if self.bpf is None:
             raise LoaderError("could not load any TCP state hook (" + "; ".join(errors) + ")")
-        self.rescue_loaded = b"raw_tracepoint__inet_sock_set_state" in self.bpf.funcs
         if errors:
             warnings.append(f"fell back to {state_name} ({'; '.join(errors)})")
+        warnings += self._attach_rescue()
 
         warnings += self._calibrate(state_tp)
         self._configure()
@@ -315,6 +316,20 @@ class KernelSource:
         }
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
 
+    def _attach_rescue(self) -> list[str]:
+        """The rescue program goes on after the classic state program: for each firing, the
+        kernel runs the probes of a tracepoint in the order they were attached."""
+        self.rescue_loaded = False
+        if not self.rescue_built:
+            return []
+        try:
+            self.bpf.attach_raw_tracepoint(tp=b"inet_sock_set_state", fn_name=b"tw_rescue")
+        except Exception as exc:  # bcc raises plain Exception
+            return [f"transitions the kernel skips cannot be rescued ({exc}): they stay "
+                    "counted as missed"]
+        self.rescue_loaded = True
+        return []
+
     def _open_ring(self) -> list[str]:
         """Read the ring buffer through mmap where we can (a fraction of bcc's per-event
         ctypes callback); else, or with TCPWATCH_RINGBUF=bcc (for comparison), through bcc.
@@ -354,6 +369,18 @@ class KernelSource:
         self.rescue_hook = None
         if not self.rescue_loaded:
             return warnings
+        # The rescue program must run after the classic one for each firing (the order
+        # they were attached in). If it ran first, it would find none of the calibration
+        # firings handled: then it would handle every transition twice. Nothing to rescue.
+        unran, seen = self._count("UNRAN"), self._count("TRANSITIONS")
+        if not seen or unran * 2 > seen:
+            self.bpf.detach_raw_tracepoint(b"inet_sock_set_state")
+            self.rescue_loaded = False
+            return warnings + [
+                "transitions the kernel skips cannot be rescued (the rescue program runs "
+                f"before the state program: {unran} of {seen} calibration transitions unran): "
+                "they stay counted as missed"]
+        self._zero_count("UNRAN")
         v6 = None
         if socket.has_ipv6:
             with contextlib.suppress(OSError):
@@ -372,7 +399,18 @@ class KernelSource:
             self._set(c["TW_CFG_RESCUE"], check.mode)
             self.rescue_hook = "raw_tracepoint:inet_sock_set_state (" + (
                 "IPv4+IPv6" if check.mode == 3 else "IPv4") + ", checked)"
+        # Firings before the layout was set were counted whatever their protocol.
+        self._zero_count("UNRAN")
         return warnings
+
+    def _count(self, name: str) -> int:
+        key = ctypes.c_int(schema.layout().consts["TW_CNT_" + name])
+        return int(sum(self.bpf["counters"][key]))
+
+    def _zero_count(self, name: str) -> None:
+        table = self.bpf["counters"]
+        key = ctypes.c_int(schema.layout().consts["TW_CNT_" + name])
+        table[key] = table.Leaf(*([0] * len(table[key])))
 
     def _calib_connection(self, family: int, server: str, client: str
                           ) -> tuple[dict, dict] | None:
@@ -487,18 +525,17 @@ class KernelSource:
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counts. `lost`: events the buffer had no room for; `missed`: state
-        transitions our program never ran for (see recursion_misses())."""
-        c = schema.layout().consts
-        table = self.bpf["counters"]
+        transitions no program of ours handled (see the rescue program in the C)."""
         out = {}
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED", "TRANSITIONS",
-                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "RESCUED"):
-            out[name.lower()] = int(sum(table[ctypes.c_int(c["TW_CNT_" + name])]))
+                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "RESCUED", "UNRAN"):
+            out[name.lower()] = self._count(name)
         # An LRU map evicts silently; entries neither deleted nor still there were evicted.
         # At most max_socks are there, so this many at least were evicted.
         out["sock_evicted_min"] = max(
             0, out["sock_insert"] - out["sock_delete"] - int(self.opts.max_socks))
-        # The classic state program's skips, less those the rescue program handled.
+        # The state program's skips, counted by the kernel, less those the rescue program
+        # handled (perf's rarer drops before any program runs are in neither count).
         out["missed"] = max(0, sum(recursion_misses(fd) for fd in self._state_fds())
                             - out["rescued"])
         return out

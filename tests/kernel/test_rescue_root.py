@@ -1,6 +1,7 @@
 """The rescue program against the real kernel: transitions the classic state program is
 skipped for (a softirq interrupting one of our classic programs) arrive anyway, with the
-tuple read from struct sock_common, and every transition is still accounted for.
+tuple read from struct sock_common; every firing of the tracepoint for the churn's sockets
+(counted by an oracle program of the test's own) is delivered once or counted as missed.
 
 Skips need a saturating churn: a timer interrupt must land while one of our programs runs
 (~0.1 % of transitions here). The C churn of scripts/bench makes them in seconds.
@@ -8,7 +9,9 @@ Skips need a saturating churn: a timer interrupt must land while one of our prog
 
 from __future__ import annotations
 
+import ctypes
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -38,12 +41,47 @@ def classic_skips(src: loader.KernelSource) -> int:
     return sum(loader.recursion_misses(fd) for fd in src._state_fds())
 
 
+class Oracle:
+    """Counts the firings of the tracepoint for the churn's sockets (clients bind to
+    127.1.0.x: an end of every churn socket but its listener), independently of tcpwatch:
+    a raw tracepoint program of its own. The kernel may skip it too (its recursion misses,
+    which it cannot tell apart by socket): fired() is (counted, skipped)."""
+
+    def __init__(self) -> None:
+        from bcc import BPF
+
+        # skc_daddr and skc_rcv_saddr open struct sock_common (checked by the loader).
+        self.bpf = BPF(text="""
+BPF_PERCPU_ARRAY(n, u64, 1);
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+        int zero = 0;
+        u8 a[8] = {};
+        u64 *v;
+
+        bpf_probe_read_kernel(a, sizeof(a), (void *)ctx->args[0]);
+        if (!((a[0] == 127 && a[1] == 1) || (a[4] == 127 && a[5] == 1)))
+                return 0;
+        v = n.lookup(&zero);
+        if (v)
+                (*v)++;
+        return 0;
+}
+""")
+
+    def fired(self) -> tuple[int, int]:
+        prog = self.bpf.funcs[b"raw_tracepoint__inet_sock_set_state"]
+        self.bpf.detach_raw_tracepoint(b"inet_sock_set_state")
+        return int(sum(self.bpf["n"][ctypes.c_int(0)])), loader.recursion_misses(prog.fd)
+
+
 def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
     src = loader.KernelSource(loader.Options(ports=(PORT,), ring_pages=16384))
     try:
         opened = src.open()
         want = "raw_tracepoint:inet_sock_set_state (IPv4+IPv6, checked)"
         assert opened.hooks["rescue"] == want, (opened.hooks, opened.warnings)
+        oracle = Oracle()
         got: list[bytes] = []
         made = 0
         for _ in range(ROUNDS):
@@ -65,6 +103,7 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
             batch = src.poll(0.1)
             got += batch
             quiet = 0 if batch else quiet + 1
+        fired, oracle_skipped = oracle.fired()
         counts, skips = src.counters(), classic_skips(src)
     finally:
         src.close()
@@ -72,14 +111,19 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
     assert skips >= WANT_SKIPS, f"only {skips} skips in {ROUNDS} rounds: nothing to rescue"
     assert counts["lost"] == 0, counts
     events = [ev for ev in map(schema.decode, got) if ev["kind"] == STATE]  # not EOF events
-    # Nothing is handled twice, and what is missed is counted. (Not `==`: at this rate a few
-    # transitions in 100,000 are dropped by perf before any BPF program runs, uncounted;
-    # see docs/design.md.)
-    assert len(events) + counts["missed"] <= made, (len(events), made, counts)
-    assert made - len(events) - counts["missed"] < made // 1000, (len(events), made, counts)
-    assert counts["missed"] == skips - counts["rescued"]
-    # Most skips come back (the rest: interrupts landing outside our programs' bodies).
-    assert counts["rescued"] >= skips // 2, (counts["rescued"], skips)
+    # What was missed is counted: the kernel's skips of the state program less the rescues.
+    assert counts["missed"] == skips - counts["rescued"], (counts, skips)
+    # Every firing for the churn's sockets was delivered once, or counted as missed. (+ 2:
+    # the listener's own. Within the oracle's own skips, if it had any.)
+    delivered = len(events) + counts["missed"]
+    assert fired + 2 <= delivered <= fired + 2 + oracle_skipped, (
+        len(events), fired, oracle_skipped, counts)
+    # Nearly all skips come back. (Not all: 0-2 in a million transitions here; see "rescue"
+    # in the C.)
+    assert counts["missed"] <= max(2, skips // 100), (counts, skips)
+    # The churn's own count is a ceiling: in some runs up to 1 in 2,000 of the transitions
+    # it expects never fire (the oracle sees none of them either).
+    assert len(events) <= made, (len(events), made)
 
     rescued = [i for i, ev in enumerate(events) if ev["flags"] & RESCUED]
     assert len(rescued) == counts["rescued"]
@@ -105,3 +149,31 @@ CLOSE = schema.STATE_NUMBERS["CLOSE"]
 SETTLED = {schema.STATE_NUMBERS[n] for n in (
     "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "CLOSING")}
 TUPLE = ("family", "laddr", "lport", "raddr", "rport")
+
+
+class RescueFirst(loader.KernelSource):
+    """Attaches the classic state program again after the rescue program: the wrong order."""
+
+    def _attach_rescue(self) -> list[str]:
+        out = super()._attach_rescue()
+        self.bpf.detach_tracepoint(b"sock:inet_sock_set_state")
+        self.bpf.attach_tracepoint(tp=b"sock:inet_sock_set_state",
+                                   fn_name=b"tracepoint__sock__inet_sock_set_state")
+        return out
+
+
+def test_a_rescue_program_running_first_is_detached():
+    src = RescueFirst(loader.Options())
+    try:
+        opened = src.open()
+        assert opened.hooks["rescue"] is None, opened.hooks
+        assert any("runs before the state program" in w for w in opened.warnings), opened.warnings
+        assert b"inet_sock_set_state" not in src.bpf.raw_tracepoint_fds
+        with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(
+                lsock.getsockname()):
+            lsock.accept()[0].close()
+        time.sleep(0.2)
+        counts = src.counters()
+        assert counts["rescued"] == 0 and counts["missed"] == 0, counts
+    finally:
+        src.close()
