@@ -584,8 +584,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 #if TW_RESCUE
 // The raw tracepoint has no tuple: it comes from struct sock_common, at offsets the loader
-// checked on its calibration sockets (TW_CFG_RESCUE stays 0 otherwise, and the firings it
-// cannot handle are counted: missed = unran - rescued).
+// checked on its calibration sockets (TW_CFG_RESCUE stays 0 otherwise: the skips stay
+// counted, missed = the kernel's skips - rescued).
 // The head of struct sock_common (loader.check_rescue_layout() reads the same "=IIIHHH").
 struct tw_skc_head {
 	u32 daddr;
@@ -771,8 +771,8 @@ static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_r
 // program holds the per-CPU bpf_prog_active while it runs, and a softirq state transition
 // arriving meanwhile would skip the state program (a recursion miss, left to the rescue
 // program, which reads the tuple from the struct). Raw tracepoint programs only guard
-// against themselves. No struct is read: sockets that
-// are not TCP have no `socks` entry, so the lookup in seen_in_process() ends there.
+// against themselves. No struct is read: sockets that are not TCP have no `socks` entry,
+// so the lookup in seen_in_process() ends there.
 #ifdef TW_HAVE_RECV_LENGTH
 RAW_TRACEPOINT_PROBE(sock_recv_length)
 {

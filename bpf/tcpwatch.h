@@ -52,8 +52,8 @@
                                 program ran on the CPU) that the raw rescue program handled
                                 instead: missed = the kernel's recursion misses - this */
 #define TW_CNT_UNRAN 10      /* firings the rescue program found no record of the classic one
-                                running for, before its layout check too (the loader checks
-                                the programs' order with it) */
+                                running for (any protocol until the layout is set): only the
+                                loader's start-up check of the programs' order reads it */
 #define TW_CNT_SLOTS 11
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
