@@ -63,10 +63,14 @@ struct tw_sock {
 	char comm[TW_COMM_LEN];
 };
 
+// What a thread is doing, in a slot of `tasks` picked by its tid (a thread whose tid shares
+// the slot overwrites it: then that close() is judged by the transition alone).
 struct tw_task {
 	u64 ts;
+	u32 tid;
 	u32 what;
 };
+#define TW_TASK_SLOTS 65536 // a power of two
 
 struct tw_listen_key {
 	u32 netns;
@@ -87,7 +91,9 @@ struct tw_err {
 };
 
 BPF_TABLE("lru_hash", u64, struct tw_sock, socks, TW_MAX_SOCKS);
-BPF_TABLE("lru_hash", u32, struct tw_task, tasks, 65536);
+// An array, not a hash: close() runs all the time on a busy host, and an array slot costs a
+// fraction of an LRU hash update.
+BPF_ARRAY(tasks, struct tw_task, TW_TASK_SLOTS);
 BPF_TABLE("lru_hash", struct tw_listen_key, struct tw_owner, listeners, 65536);
 // One element holding every setting: a single lookup per event reads them all.
 struct tw_cfg {
@@ -246,7 +252,7 @@ static __always_inline int wanted(struct tw_cfg *cf, struct tw_sock *s, int old,
 }
 
 // Why did the socket change state? Judged from what happened to it and to the task.
-static __always_inline u8 outcome_of(struct tw_sock *s, u64 now, u16 sport, u16 dport)
+static __always_inline u8 outcome_of(u8 rst, u64 close_ts, u64 now, u16 sport, u16 dport)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct tw_task *t;
@@ -254,13 +260,15 @@ static __always_inline u8 outcome_of(struct tw_sock *s, u64 now, u16 sport, u16 
 	int zero = 0;
 
 	// RST and errors arrive in softirq: current is unrelated, so these come first.
-	if (s->rst)
+	if (rst)
 		return TW_OUT_RESET;
 	e = errs.lookup(&zero);
 	if (e && e->ts && now - e->ts < 1000000 && e->sport == sport && e->dport == dport)
 		return TW_OUT_ERROR;
-	t = tasks.lookup(&tid);
-	if (t && now - t->ts < TASK_WINDOW_NS) {
+	u32 slot = tid & (TW_TASK_SLOTS - 1);
+
+	t = tasks.lookup(&slot);
+	if (t && t->tid == tid && now - t->ts < TASK_WINDOW_NS) {
 		if (t->what == TASK_EXIT)
 			return TW_OUT_EXIT;
 		if (t->what == TASK_SHUTDOWN)
@@ -269,7 +277,7 @@ static __always_inline u8 outcome_of(struct tw_sock *s, u64 now, u16 sport, u16 
 			return TW_OUT_CLOSE;
 	}
 	// tcp_close() entry seen by the close hook, in the closing task.
-	if (s->close_ts && now - s->close_ts < TASK_WINDOW_NS)
+	if (close_ts && now - close_ts < TASK_WINDOW_NS)
 		return TW_OUT_CLOSE;
 	return TW_OUT_NONE;
 }
@@ -438,7 +446,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 			cw_ns = now - s->cw_ts;
 		else
 			flags |= TW_F_CW_UNKNOWN;
-		outcome = outcome_of(s, now, sport, dport);
+		outcome = outcome_of(s->rst, s->close_ts, now, sport, dport);
 		// close/shutdown/exit run in the process that holds the socket.
 		if (outcome == TW_OUT_CLOSE || outcome == TW_OUT_SHUTDOWN || outcome == TW_OUT_EXIT) {
 			flags |= TW_F_ACTOR;
@@ -596,12 +604,264 @@ struct tw_skc_head {
 	u16 family;
 };
 
-// Attached by the loader after the classic program (not by bcc's autoload, whose order is
-// not the source's).
+// The tuple of a TCP socket from its struct sock_common, at the offsets the loader checked on
+// its calibration sockets (TW_CFG_RESCUE); 0 if the socket is not TCP or its family unchecked.
+static __always_inline int skc_tuple(struct tw_cfg *cf, u64 sk, struct tw_skc_head *h,
+				     u8 *saddr, u8 *daddr)
+{
+	u64 mode = cf->v[TW_CFG_RESCUE], prot = 0;
+
+	bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
+	// TCP sockets point at tcp_prot or tcpv6_prot; SCTP, MPTCP... the classic one ignores.
+	if (!prot || (prot != cf->v[TW_CFG_TCP_PROT] && prot != cf->v[TW_CFG_TCPV6_PROT]))
+		return 0;
+	bpf_probe_read_kernel(h, sizeof(*h), (void *)sk);
+	if (h->family == TW_AF_INET && (mode & 1)) {
+		__builtin_memcpy(saddr, &h->rcv_saddr, 4);
+		__builtin_memcpy(daddr, &h->daddr, 4);
+		return 1;
+	}
+	if (h->family == TW_AF_INET6 && (mode & 2)) {
+		u64 off = cf->v[TW_CFG_V6_OFF];
+
+		bpf_probe_read_kernel(daddr, 16, (void *)(sk + off));
+		bpf_probe_read_kernel(saddr, 16, (void *)(sk + off + 16));
+		return 1;
+	}
+	return 0;
+}
+
+// --- top's raw path (TW_CFG_CW_RAW) -----------------------------------------------------
+// top needs the sockets in CLOSE_WAIT and their exits, nothing else. Once the calibration
+// has checked the struct reads, the loader replaces the classic program with a raw one,
+// tw_top: no perf copy of every firing, no socket map; the other eight transitions of a
+// connection cost a few compares. Short stays are counted in the `exits` map instead of
+// sent. A raw program is skipped only while it is itself running on the CPU (a softirq
+// transition nested in it, ~1 in 10,000 firings here), so tw_rescue stays attached after it
+// and takes over every firing tw_top left no record of, as it does for the classic program:
+// missed = tw_top's recursion misses - what tw_rescue took over.
+#ifndef TW_MAX_EXIT_KEYS
+#define TW_MAX_EXIT_KEYS 4096
+#endif
+BPF_HASH(exits, struct tw_exit_key, struct tw_exit_agg, TW_MAX_EXIT_KEYS);
+BPF_ARRAY(exit_zero, struct tw_exit_agg, 1); // never written: a new key's first value
+
+// Histogram bucket of a duration (see TW_EXIT_* in tcpwatch.h; schema.exit_bucket() is the
+// same computation in Python, checked against this one by the kernel tests).
+static __always_inline u64 exit_bucket(u64 ns)
+{
+	u64 v = ns >> TW_EXIT_SHIFT, x;
+	u32 log = 0;
+
+	if (v < TW_EXIT_SUB)
+		return v;
+	if (v >> TW_EXIT_MAX_LOG)
+		return TW_EXIT_BUCKETS - 1;
+	x = v;
+	if (x >> 32) { log += 32; x >>= 32; }
+	if (x >> 16) { log += 16; x >>= 16; }
+	if (x >> 8) { log += 8; x >>= 8; }
+	if (x >> 4) { log += 4; x >>= 4; }
+	if (x >> 2) { log += 2; x >>= 2; }
+	if (x >> 1)
+		log += 1;
+	return (log - TW_EXIT_SUB_BITS + 1) * TW_EXIT_SUB +
+	       ((v >> (log - TW_EXIT_SUB_BITS)) & (TW_EXIT_SUB - 1));
+}
+
+// Count an exit in `exits`; 0 if the map is full (the caller sends it instead).
+static __always_inline int exit_count(struct tw_cfg *cf, struct tw_sock *s, u8 who, u8 *daddr,
+				      u16 family, u16 sport, u16 dport, u8 outcome, int new,
+				      u64 cw_ns)
+{
+	struct tw_exit_key k;
+	struct tw_exit_agg *a, *z;
+	u64 lo = cf->v[TW_CFG_EPH_LO], hi = cf->v[TW_CFG_EPH_HI], b;
+	int zero = 0;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	__builtin_memcpy(k.daddr, daddr, 16);
+	k.netns = s->netns;
+	k.family = family;
+	k.sport = sport;
+	// A server socket's peer port is a client's ephemeral one: one key per connection
+	// otherwise. top groups those by the peer's address alone anyway (model.remote_group).
+	k.dport = (lo <= dport && dport <= hi && !(lo <= sport && sport <= hi)) ? 0 : dport;
+	k.outcome = outcome;
+	k.newstate = new;
+	k.who = who;
+	if (who == TW_F_OWNER) {
+		k.pid = s->pid;
+		__builtin_memcpy(k.comm, s->comm, TW_COMM_LEN);
+	} else {
+		k.pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(&k.comm, sizeof(k.comm));
+	}
+	z = exit_zero.lookup(&zero);
+	if (!z)
+		return 0;
+	a = exits.lookup_or_try_init(&k, z);
+	if (!a)
+		return 0;
+	b = exit_bucket(cw_ns);
+	asm volatile("" : "+r"(b)); // one register for the check and the index (verifier)
+	if (b >= TW_EXIT_BUCKETS)
+		return 0;
+	__sync_fetch_and_add(&a->count, 1);
+	__sync_fetch_and_add(&a->hist[b], 1);
+	return 1;
+}
+
+static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
+{
+	struct tw_skc_head h = {};
+	struct tw_listen_key lk = {};
+	struct tw_owner *o;
+	struct tw_cw c = {};
+	u16 dport;
+
+	if (!cf->v[TW_CFG_ENABLED] || !skc_tuple(cf, sk, &h, c.saddr, c.daddr))
+		return 0;
+	dport = ntohs(h.dport);
+	if (cf->v[TW_CFG_FILTER_PORT] && !port_filter.lookup(&h.num) && !port_filter.lookup(&dport))
+		return 0;
+	c.ts_ns = bpf_ktime_get_ns();
+	c.family = h.family;
+	c.sport = h.num;
+	c.dport = dport;
+	c.netns = sock_netns(cf, sk);
+	// Until the owner touches the socket (cw_seen), it is charged to its listener's owner.
+	lk.netns = c.netns;
+	lk.family = h.family;
+	lk.port = h.num;
+	o = listeners.lookup(&lk);
+	if (o) {
+		c.pid = o->pid;
+		c.tid = o->tid;
+		__builtin_memcpy(c.comm, o->comm, TW_COMM_LEN);
+		c.flags = TW_F_OWNER_LISTENER;
+	}
+	if (cw.update(&sk, &c))
+		count(TW_CNT_CW_FULL);
+	return 0;
+}
+
+static __always_inline int cw_raw_exit(void *ctx, struct tw_cfg *cf, u64 sk, int new)
+{
+	u64 now = bpf_ktime_get_ns(), cw_ns = 0;
+	struct tw_cw *c = cw.lookup(&sk);
+	struct tw_skc_head h = {};
+	u8 saddr[16] = {}, daddr[16] = {};
+	struct tw_sock s = {};
+	u16 family, sport, dport;
+	u8 flags = 0, outcome, who = 0;
+
+	if (!cf->v[TW_CFG_ENABLED])
+		return 0;
+	if (c) {
+		cw_ns = now - c->ts_ns;
+		__builtin_memcpy(saddr, c->saddr, 16);
+		__builtin_memcpy(daddr, c->daddr, 16);
+		family = c->family;
+		sport = c->sport;
+		dport = c->dport;
+		s.pid = c->pid;
+		s.tid = c->tid;
+		s.netns = c->netns;
+		s.fin_read_ts = c->fin_read_ns;
+		s.owner = c->flags & (TW_F_OWNER | TW_F_OWNER_LISTENER);
+		s.flags = c->flags & (TW_F_EOF_READ | TW_F_READ_IN_CW);
+		s.rst = c->rst;
+		__builtin_memcpy(s.comm, c->comm, TW_COMM_LEN);
+	} else {
+		// In CLOSE_WAIT since before tracing (or the map was full at its entry).
+		if (!skc_tuple(cf, sk, &h, saddr, daddr))
+			return 0;
+		family = h.family;
+		sport = h.num;
+		dport = ntohs(h.dport);
+		if (cf->v[TW_CFG_FILTER_PORT] && !port_filter.lookup(&sport) &&
+		    !port_filter.lookup(&dport))
+			return 0;
+		s.netns = sock_netns(cf, sk);
+		flags = TW_F_CW_UNKNOWN | TW_F_PREV_UNKNOWN;
+	}
+	outcome = outcome_of(s.rst, 0, now, sport, dport);
+	if (outcome == TW_OUT_CLOSE || outcome == TW_OUT_SHUTDOWN || outcome == TW_OUT_EXIT)
+		flags |= TW_F_ACTOR;
+	if (s.owner == TW_F_OWNER)
+		who = TW_F_OWNER;
+	else if (!s.owner && (flags & TW_F_ACTOR))
+		who = TW_F_ACTOR;
+	if (c) {
+		if (who && cw_ns < cf->v[TW_CFG_EXIT_DETAIL_NS]) {
+			if (exit_count(cf, &s, who, daddr, family, sport, dport, outcome, new, cw_ns)) {
+				cw.delete(&sk);
+				count(TW_CNT_EXIT_AGG);
+				return 0;
+			}
+			count(TW_CNT_EXIT_FULL);
+		}
+		cw.delete(&sk);
+	}
+	if (!s.owner && (flags & TW_F_ACTOR))
+		set_owner_current(&s);
+	emit_state(ctx, sk, &s, TS_CLOSE_WAIT, new, family, sport, dport, saddr, daddr, now,
+		   cw_ns, cw_ns, flags, outcome);
+	return 0;
+}
+
+static __always_inline int cw_raw(void *ctx, struct tw_cfg *cf, u64 sk, int old, int new)
+{
+	count(TW_CNT_TRANSITIONS); // top's events/s
+	if (old == TS_CLOSE_WAIT)
+		return cw_raw_exit(ctx, cf, sk, new);
+	if (new == TS_CLOSE_WAIT)
+		return cw_raw_enter(cf, sk);
+	// Listeners: the owner a child is charged to until its own owner touches it.
+	if (new == TS_LISTEN || old == TS_LISTEN && new == TS_CLOSE) {
+		struct tw_skc_head h = {};
+		u8 saddr[16], daddr[16];
+		struct tw_listen_key lk = {};
+
+		if (!skc_tuple(cf, sk, &h, saddr, daddr))
+			return 0;
+		lk.netns = sock_netns(cf, sk);
+		lk.family = h.family;
+		lk.port = h.num;
+		if (new == TS_LISTEN) {
+			u64 id = bpf_get_current_pid_tgid();
+			struct tw_owner o = {.pid = id >> 32, .tid = (u32)id};
+
+			bpf_get_current_comm(&o.comm, sizeof(o.comm));
+			listeners.update(&lk, &o);
+		} else {
+			listeners.delete(&lk);
+		}
+	}
+	return 0;
+}
+
+// top's state program (attached by the loader, before tw_rescue, only for top).
+int tw_top(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0, old = (int)ctx->args[1], new = (int)ctx->args[2];
+	u64 sk = ctx->args[0];
+	struct tw_cfg *cf;
+
+	ran_push(sk, (u16)(old << 8 | new));
+	cf = config.lookup(&zero);
+	if (!cf || !cf->v[TW_CFG_CW_RAW])
+		return 0;
+	return cw_raw(ctx, cf, sk, old, new);
+}
+
+// The rescue program, for the classic state program or for tw_top. Attached by the loader
+// after that one (not by bcc's autoload, whose order is not the source's).
 int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 {
 	int zero = 0, old = (int)ctx->args[1], new = (int)ctx->args[2];
-	u64 sk = ctx->args[0], mode, prot = 0;
+	u64 sk = ctx->args[0];
 	u8 saddr[16] = {}, daddr[16] = {};
 	struct tw_skc_head h = {};
 	struct tw_sock *s;
@@ -612,14 +872,15 @@ int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 	cf = config.lookup(&zero);
 	if (!cf)
 		return 0;
-	mode = cf->v[TW_CFG_RESCUE];
-	if (!mode) {
+	if (cf->v[TW_CFG_CW_RAW]) {
+		count(TW_CNT_RESCUED); // any transition: tw_top's skips are counted as a whole
+		return cw_raw(ctx, cf, sk, old, new);
+	}
+	if (!cf->v[TW_CFG_RESCUE]) {
 		count(TW_CNT_UNRAN); // TCP or not: nothing here can tell without the layout
 		return 0;
 	}
-	bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
-	// TCP sockets point at tcp_prot or tcpv6_prot; SCTP, MPTCP... the classic one ignores.
-	if (!prot || (prot != cf->v[TW_CFG_TCP_PROT] && prot != cf->v[TW_CFG_TCPV6_PROT]))
+	if (!skc_tuple(cf, sk, &h, saddr, daddr))
 		return 0;
 	// Already in the new state: the classic program did run, but nested firings took both
 	// ways of its set in `ran`. Not a transition to handle twice.
@@ -627,18 +888,6 @@ int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 	if (s && s->state == new)
 		return 0;
 	count(TW_CNT_UNRAN);
-	bpf_probe_read_kernel(&h, sizeof(h), (void *)sk);
-	if (h.family == TW_AF_INET && (mode & 1)) {
-		__builtin_memcpy(saddr, &h.rcv_saddr, 4);
-		__builtin_memcpy(daddr, &h.daddr, 4);
-	} else if (h.family == TW_AF_INET6 && (mode & 2)) {
-		u64 off = cf->v[TW_CFG_V6_OFF];
-
-		bpf_probe_read_kernel(daddr, 16, (void *)(sk + off));
-		bpf_probe_read_kernel(saddr, 16, (void *)(sk + off + 16));
-	} else {
-		return 0;
-	}
 	// On the way to CLOSE, inet_put_port() has zeroed skc_num already; the tracepoint
 	// shows inet_sport, which stays. Use the port this socket had.
 	if (!h.num && new == TS_CLOSE && s)
@@ -734,13 +983,46 @@ static __always_inline void emit_sock(void *ctx, u64 sk, struct tw_sock *s, u8 k
 	event_submit(ctx, e);
 }
 
+// top's raw path: the socket's `cw` entry is all there is (only sockets in CLOSE_WAIT matter).
+static __always_inline void cw_seen(u64 sk, int ret, int is_recv)
+{
+	struct tw_cw *c = cw.lookup(&sk);
+	u64 id;
+
+	if (!c)
+		return;
+	id = bpf_get_current_pid_tgid();
+	if (!(c->flags & TW_F_OWNER) || c->pid != (id >> 32)) {
+		c->pid = id >> 32;
+		c->tid = (u32)id;
+		bpf_get_current_comm(&c->comm, sizeof(c->comm));
+		c->flags = (c->flags & ~TW_F_OWNER_LISTENER) | TW_F_OWNER;
+	}
+	if (!is_recv || ret < 0)
+		return;
+	if (ret > 0) {
+		c->flags |= TW_F_READ_IN_CW;
+	} else if (!(c->flags & TW_F_EOF_READ)) {
+		c->flags |= TW_F_EOF_READ;
+		c->fin_read_ns = bpf_ktime_get_ns();
+	}
+}
+
 static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_recv)
 {
-	struct tw_sock *s = socks.lookup(&sk);
-	u64 id = bpf_get_current_pid_tgid();
+	int zero_key = 0;
+	struct tw_cfg *cf = config.lookup(&zero_key);
+	struct tw_sock *s;
+	u64 id;
 
+	if (cf && cf->v[TW_CFG_CW_RAW]) {
+		cw_seen(sk, ret, is_recv);
+		return;
+	}
+	s = socks.lookup(&sk);
 	if (!s)
 		return;
+	id = bpf_get_current_pid_tgid();
 	if (s->owner != TW_F_OWNER || s->pid != (id >> 32)) {
 		set_owner_current(s);
 		// The FIN often comes before the owner first touches the socket (accepted
@@ -820,10 +1102,15 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 
 static __always_inline void task_doing(u32 what)
 {
-	struct tw_task t = {.ts = bpf_ktime_get_ns(), .what = what};
 	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u32 slot = tid & (TW_TASK_SLOTS - 1);
+	struct tw_task *t = tasks.lookup(&slot);
 
-	tasks.update(&tid, &t);
+	if (!t)
+		return;
+	t->ts = bpf_ktime_get_ns();
+	t->tid = tid;
+	t->what = what;
 }
 
 #ifdef TW_HAVE_SYS_CLOSE
@@ -867,8 +1154,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	u64 sk = (u64)args->skaddr;
 	struct tw_sock *s = socks.lookup(&sk);
 
-	if (s)
+	if (s) {
 		s->rst = 1;
+	} else {
+		struct tw_cw *c = cw.lookup(&sk); // top's raw path keeps it there
+
+		if (c)
+			c->rst = 1;
+	}
 	return 0;
 }
 #endif

@@ -54,7 +54,9 @@
 #define TW_CNT_UNRAN 10      /* firings the rescue program found no record of the classic one
                                 running for (any protocol until the layout is set): only the
                                 loader's start-up check of the programs' order reads it */
-#define TW_CNT_SLOTS 11
+#define TW_CNT_EXIT_AGG 11   /* CLOSE_WAIT exits counted in the `exits` map instead of sent */
+#define TW_CNT_EXIT_FULL 12  /* exits sent one by one because the `exits` map was full */
+#define TW_CNT_SLOTS 13
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
 #define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */
@@ -72,7 +74,14 @@
 #define TW_CFG_TCP_PROT 10     /* tcpv6_prot, whose addresses the calibration sockets show */
 #define TW_CFG_TCPV6_PROT 11
 #define TW_CFG_V6_OFF 12       /* offset of skc_v6_daddr; skc_v6_rcv_saddr follows it */
-#define TW_CFG_SLOTS 13
+#define TW_CFG_CW_RAW 13       /* 1 (top, with TW_CFG_CW_MAP): the raw program alone handles the
+                                  state tracepoint, CLOSE_WAIT entries and exits only; the
+                                  classic one is detached (see "top's raw path" in the C) */
+#define TW_CFG_EXIT_DETAIL_NS 14 /* with TW_CFG_CW_RAW: an exit after a stay this long or longer
+                                    is sent (exact duration); shorter ones are counted in `exits` */
+#define TW_CFG_EPH_LO 15       /* the host's ip_local_port_range: an `exits` key drops the */
+#define TW_CFG_EPH_HI 16       /* peer's port when it is in it and the local one is not */
+#define TW_CFG_SLOTS 17
 
 #define TW_CALIB_BYTES 512
 #define TW_CALIB_SOCK 96
@@ -135,8 +144,41 @@ struct tw_cw {
 	__u16 sport;
 	__u16 dport;
 	__u8 flags;        /* TW_F_OWNER* | TW_F_EOF_READ | TW_F_READ_IN_CW */
-	__u8 pad;
+	__u8 rst;          /* RST received (top's raw path: no socket map entry holds it) */
 	char comm[TW_COMM_LEN];
+};
+
+/* Short CLOSE_WAIT stays, counted in the kernel instead of sent one by one (top's raw path):
+ * key of the `exits` map. Who is the owner seen in process context on the socket, else the
+ * closer; exits of sockets with neither, or only the listener's owner, are sent instead
+ * (userspace may know better from /proc). */
+struct tw_exit_key {
+	__u8 daddr[16];
+	__u32 pid;
+	__u32 netns;
+	__u16 family;
+	__u16 sport;
+	__u16 dport;      /* 0: a client's ephemeral port, any (TW_CFG_EPH_*) */
+	__u8 outcome;
+	__u8 newstate;
+	__u8 who;         /* TW_F_OWNER or TW_F_ACTOR */
+	__u8 pad[3];
+	char comm[TW_COMM_LEN];
+};
+
+/* Durations in a log-linear histogram of 1,024 ns units: units below TW_EXIT_SUB each have a
+ * bucket, then every power of two is cut in TW_EXIT_SUB equal buckets (at most 1/TW_EXIT_SUB
+ * wide: userspace reports a bucket's middle, within 1/(2*TW_EXIT_SUB) of the true value). */
+#define TW_EXIT_SHIFT 10
+#define TW_EXIT_SUB_BITS 3
+#define TW_EXIT_SUB 8
+#define TW_EXIT_MAX_LOG 40    /* stays of 2^40 units (13 days) and over share the last bucket */
+#define TW_EXIT_BUCKETS 304   /* (TW_EXIT_MAX_LOG - TW_EXIT_SUB_BITS + 1) * TW_EXIT_SUB */
+
+/* Value of the `exits` map: counts since tracing began (userspace takes differences). */
+struct tw_exit_agg {
+	__u64 count;
+	__u32 hist[TW_EXIT_BUCKETS];
 };
 
 #endif /* TCPWATCH_H */

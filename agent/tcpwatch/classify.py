@@ -133,16 +133,18 @@ def ended_cause(
     return cause
 
 
-def dominant(causes: Iterable[str]) -> str | None:
-    """The most frequent cause; ties go to the order of STUCK_CAUSES then ENDED_CAUSES (the
-    most actionable first). None for no cause at all.
+def dominant(causes: Iterable[str], weights: Iterable[int] | None = None) -> str | None:
+    """The most frequent cause (each counted `weights` times if given); ties go to the order
+    of STUCK_CAUSES then ENDED_CAUSES (the most actionable first). None for no cause at all.
 
     >>> dominant(["not_reading", "eof_ignored", "eof_ignored"]), dominant([])
     ('eof_ignored', None)
+    >>> dominant(["not_reading", "eof_ignored"], [3, 2])
+    'not_reading'
     """
     counts: dict[str, int] = {}
-    for c in causes:
-        counts[c] = counts.get(c, 0) + 1
+    for c, w in zip(causes, weights) if weights is not None else ((c, 1) for c in causes):
+        counts[c] = counts.get(c, 0) + w
     if not counts:
         return None
     order = {c: i for i, c in enumerate((*STUCK_CAUSES[:-1], *ENDED_CAUSES))}  # unknown last

@@ -55,6 +55,10 @@ class Options:
     # top: sockets in CLOSE_WAIT stay in the kernel's `cw` map (read with read_cw()) and only
     # CLOSE_WAIT exits are sent, instead of every entry, EOF and owner event.
     cw_map: bool = False
+    # With cw_map: CLOSE_WAIT stays shorter than this are counted in the kernel (read_exits())
+    # instead of sent, where the kernel offers top's raw path (KernelSource.cw_raw).
+    exit_detail_s: float = 1.0
+    ephemeral: tuple[int, int] = (32768, 60999)  # the host's ip_local_port_range (exits' keys)
 
 
 @dataclass
@@ -188,6 +192,8 @@ class KernelSource:
         self._ring: ringbuf.MmapRing | None = None
         self.ring_reader: str | None = None  # "mmap" or "bcc"; None with the perf buffer
         self._stack_cache: dict[tuple[int, int], list[str]] = {}
+        self.cw_raw = False  # top's raw path is on (see _use_cw_raw)
+        self._top_link: int | None = None  # tw_top's raw tracepoint attachment
 
     # --- start-up ---------------------------------------------------------------
 
@@ -271,6 +277,7 @@ class KernelSource:
 
         warnings += self._calibrate(state_tp)
         self._configure()
+        self._use_cw_raw()
         if self.perf:
             self._callback = self._on_perf_event
             per_cpu = 1 << (max(1, self.opts.ring_pages // os.cpu_count()).bit_length() - 1)
@@ -312,14 +319,18 @@ class KernelSource:
             "owner": ",".join(owner) or None,
             "outcome": ",".join(outcome) or None,
             "netns": self.netns_hook,
-            "rescue": self.rescue_hook,
+            "rescue": None if self.cw_raw else self.rescue_hook,
         }
+        if self.cw_raw:
+            hooks["state"] = ("raw_tracepoint:inet_sock_set_state (CLOSE_WAIT only, struct "
+                              "reads checked)")
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
 
     def _attach_rescue(self) -> list[str]:
         """The rescue program goes on after the classic state program: for each firing, the
         kernel runs the probes of a tracepoint in the order they were attached."""
         self.rescue_loaded = False
+        self.cw_raw = False
         if not self.rescue_built:
             return []
         try:
@@ -329,6 +340,43 @@ class KernelSource:
                     "counted as missed"]
         self.rescue_loaded = True
         return []
+
+    def _use_cw_raw(self) -> None:
+        """top: hand the tracepoint to the raw program alone (cw_raw() in the C) where the
+        rescue's struct reads passed their check; else top keeps the classic program."""
+        self.cw_raw = False
+        if not (self.opts.cw_map and self.rescue_loaded and self.rescue_hook) or self.opts.pids \
+                or set(self.opts.states) - {schema.CLOSE_WAIT}:
+            return
+        from bcc import BPF, lib
+
+        c = schema.layout().consts
+        lo, hi = self.opts.ephemeral
+        self._set(c["TW_CFG_EPH_LO"], lo)
+        self._set(c["TW_CFG_EPH_HI"], hi)
+        self._set(c["TW_CFG_EXIT_DETAIL_NS"], int(self.opts.exit_detail_s * 1e9))
+        # tw_top goes before tw_rescue (probes run in the order they were attached, as the
+        # calibration checked): take tw_rescue off and put it back after. Nothing is sent
+        # before TW_CFG_ENABLED, so what passes meanwhile does not matter.
+        tp = b"inet_sock_set_state"
+        try:
+            top = self.bpf.load_func(b"tw_top", BPF.RAW_TRACEPOINT)
+        except Exception:  # bcc raises plain Exception; top keeps the classic program
+            return
+        self.bpf.detach_raw_tracepoint(tp)
+        fd = lib.bpf_attach_raw_tracepoint(top.fd, tp)
+        self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"tw_rescue")
+        if fd < 0:
+            return
+        self._top_link = fd
+        self.bpf.detach_tracepoint(b"sock:inet_sock_set_state")
+        # The classic program's skips end here: what it missed is fixed from now on.
+        self._missed_before = max(0, sum(recursion_misses(f) for f in self._state_fds())
+                                  - self._count("RESCUED"))
+        self._top_misses_from = recursion_misses(top.fd)
+        self._rescued_from = self._count("RESCUED")
+        self._set(c["TW_CFG_CW_RAW"], 1)
+        self.cw_raw = True
 
     def _open_ring(self) -> list[str]:
         """Read the ring buffer through mmap where we can (a fraction of bcc's per-event
@@ -520,7 +568,8 @@ class KernelSource:
         transitions no program of ours handled (see the rescue program in the C)."""
         out = {}
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED", "TRANSITIONS",
-                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "RESCUED"):
+                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "RESCUED", "EXIT_AGG",
+                     "EXIT_FULL"):
             out[name.lower()] = self._count(name)
         # An LRU map evicts silently; entries neither deleted nor still there were evicted.
         # At most max_socks are there, so this many at least were evicted.
@@ -529,9 +578,30 @@ class KernelSource:
         # The state program's skips, counted by the kernel, less those the rescue program
         # handled. (A firing dropped before any program ran would be in neither count; the
         # oracle in tests/kernel/test_rescue_root.py has seen none.)
+        if self.cw_raw:  # tw_top since the switch, tw_rescue after it
+            skips = recursion_misses(self.bpf.funcs[b"tw_top"].fd) - self._top_misses_from
+            out["missed"] = self._missed_before + max(
+                0, skips - (out["rescued"] - self._rescued_from))
+            return out
         out["missed"] = max(0, sum(recursion_misses(fd) for fd in self._state_fds())
                             - out["rescued"])
         return out
+
+    def read_exits(self) -> list[tuple[tuple, int, bytes]]:
+        """The `exits` map (top's raw path): [(struct tw_exit_key values, count since
+        tracing began, the histogram as bytes of __u32)]; [] without the raw path."""
+        if not self.cw_raw:
+            return []
+        kl, vl = schema.layout_of("tw_exit_key"), schema.layout_of("tw_exit_agg")
+        table = self.bpf["exits"]
+        try:
+            keys, values = _lookup_batch(table.map_fd, kl.size, vl.size)
+        except OSError:
+            pairs = list(table.items())
+            keys = b"".join(bytes(k) for k, _ in pairs)
+            values = b"".join(bytes(v) for _, v in pairs)
+        return [(k, count, hist) for k, (count, hist) in zip(
+            kl.struct.iter_unpack(keys), vl.struct.iter_unpack(values))]
 
     def read_cw(self) -> list[tuple[int, tuple]]:
         """The `cw` map (Options.cw_map): [(sk, values of struct tw_cw in header order)].
@@ -589,6 +659,9 @@ class KernelSource:
         return [n.decode("utf-8", "replace") for n in names]
 
     def close(self) -> None:
+        if self._top_link is not None:
+            os.close(self._top_link)  # attached outside bcc: its cleanup would not detach it
+            self._top_link = None
         if self._ring is not None:
             self._ring.close()  # before bcc's cleanup unloads the map
             self._ring = None

@@ -76,8 +76,12 @@ class Layout:
                 self.arrays[name] = ctype
                 self.fields.append((name, offset, count))
                 offset += count
-            elif dim:
-                raise ValueError(f"arrays of {ctype} are not supported: {name}")
+            elif dim:  # other arrays: raw bytes too (array.array(code, value) reads them)
+                fmt += f"{count * size}s"
+                self.codes[name] = f"{count * size}s"
+                self.arrays[name] = ctype
+                self.fields.append((name, offset, count * size))
+                offset += count * size
             else:
                 fmt += code
                 self.codes[name] = code
@@ -198,3 +202,40 @@ def state_name(num: int) -> str:
 # For other readers of kernel bytes (the `cw` map): the same cached conversions.
 addr_text = _addr
 comm_text = _comm
+
+
+# The `exits` map's duration histogram (TW_EXIT_* in the header; exit_bucket() in the C).
+def exit_bucket(ns: int) -> int:
+    """The bucket of a CLOSE_WAIT stay of `ns` nanoseconds, as the kernel files it.
+
+    >>> [exit_bucket(n << 10) for n in (0, 7, 8, 15, 16, 17, 18, 1 << 39, 1 << 41)]
+    [0, 7, 8, 15, 16, 16, 17, 296, 303]
+    """
+    c = layout_of("tw_exit_agg").consts
+    sub_bits, sub = c["TW_EXIT_SUB_BITS"], c["TW_EXIT_SUB"]
+    v = max(0, ns) >> c["TW_EXIT_SHIFT"]
+    if v < sub:
+        return v
+    if v >> c["TW_EXIT_MAX_LOG"]:
+        return c["TW_EXIT_BUCKETS"] - 1
+    log = v.bit_length() - 1
+    return (log - sub_bits + 1) * sub + ((v >> (log - sub_bits)) & (sub - 1))
+
+
+def exit_bucket_ns(bucket: int) -> int:
+    """The middle of a bucket's range in nanoseconds: within 1/(2*TW_EXIT_SUB) of any stay
+    filed there (below TW_EXIT_SUB units, within half a unit).
+
+    >>> [exit_bucket_ns(b) for b in (0, 7, 16, 17)]
+    [512, 7680, 17408, 19456]
+    >>> all(exit_bucket(exit_bucket_ns(b)) == b for b in range(303))
+    True
+    """
+    c = layout_of("tw_exit_agg").consts
+    sub_bits, sub, unit = c["TW_EXIT_SUB_BITS"], c["TW_EXIT_SUB"], 1 << c["TW_EXIT_SHIFT"]
+    if bucket < sub:
+        return bucket * unit + unit // 2
+    log, part = bucket // sub + sub_bits - 1, bucket % sub
+    lo = (sub + part) << (log - sub_bits)
+    width = 1 << (log - sub_bits)
+    return (lo * 2 + width) * unit // 2

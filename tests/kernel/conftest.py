@@ -148,6 +148,15 @@ class Tracer:
             self._stderr.close()
 
 
+@pytest.fixture(scope="session")
+def churn_bin(tmp_path_factory) -> Path:
+    """scripts/churn.c built (the benchmark's saturating loopback load)."""
+    exe = tmp_path_factory.mktemp("churn") / "churn"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(REPO / "scripts/churn.c")],
+                   check=True, capture_output=True)
+    return exe
+
+
 @pytest.fixture(params=["ring", "perf"])
 def buffer_kind(request, monkeypatch):
     """Run a test with the ring buffer (5.8+) and again with the perf buffer that older

@@ -29,14 +29,6 @@ WANT_SKIPS = 30  # classic-program skips to have seen before judging the rescue
 ROUNDS = 6       # of 3 s of churn at most
 
 
-@pytest.fixture(scope="module")
-def churn_bin(tmp_path_factory) -> Path:
-    exe = tmp_path_factory.mktemp("churn") / "churn"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(REPO / "scripts/churn.c")],
-                   check=True, capture_output=True)
-    return exe
-
-
 def classic_skips(src: loader.KernelSource) -> int:
     return sum(loader.recursion_misses(fd) for fd in src._state_fds())
 

@@ -38,12 +38,25 @@ def _c_layout(tmp_path, name: str) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to compile the header")
-@pytest.mark.parametrize("name", ["tw_event", "tw_cw", "tw_calib"])
+@pytest.mark.parametrize("name", ["tw_event", "tw_cw", "tw_calib", "tw_exit_key",
+                                  "tw_exit_agg"])
 def test_python_layout_matches_gcc(tmp_path, name):
     c = _c_layout(tmp_path, name)
     lay = schema.layout_of(name)
     assert lay.size == c.pop("SIZE")[0]
     assert {name: (off, size) for name, off, size in lay.fields} == c
+
+
+def test_exit_histogram_constants_agree():
+    c = schema.layout().consts
+    assert c["TW_EXIT_SUB"] == 1 << c["TW_EXIT_SUB_BITS"]
+    assert c["TW_EXIT_BUCKETS"] == (c["TW_EXIT_MAX_LOG"] - c["TW_EXIT_SUB_BITS"] + 1) * c[
+        "TW_EXIT_SUB"]
+    # every bucket's middle is filed in that bucket, and the middle is within 1/16 of any
+    # stay filed there
+    for ns in (0, 999, 1024 * 7, 1024 * 8, 2_000_000, 10**9, 10**12):
+        mid = schema.exit_bucket_ns(schema.exit_bucket(ns))
+        assert abs(mid - ns) <= max(512, ns / (2 * c["TW_EXIT_SUB"])), ns
 
 
 def test_constants_come_from_the_header():

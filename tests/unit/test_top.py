@@ -13,6 +13,7 @@ from __future__ import annotations
 import doctest
 import socket
 import time
+from array import array
 
 import goldens
 import orjson
@@ -366,6 +367,63 @@ def test_a_full_cw_map_is_reported_in_the_header():
     col = collect.KernelCollector(FakeMapSource([]), {}, snapshot=lambda: [],
                                   holders_of=lambda inodes: {}, clock=Clock(1.0), cw_map=True)
     assert col.sample().host.warnings == []
+
+
+LAST_ACK, CLOSE = 9, 7
+
+
+class CountedSource(FakeMapSource):
+    """top's raw path: exits counted in the kernel's `exits` map (cumulative counts and
+    duration histograms per key), one reading per sample."""
+
+    def __init__(self, readings: list[list[tuple[dict, dict[float, int]]]]) -> None:
+        super().__init__([])
+        self.readings = readings
+
+    def read_exits(self) -> list[tuple[tuple, int, bytes]]:
+        kl = schema.layout_of("tw_exit_key")
+        out = []
+        for key, stays in self.readings.pop(0):
+            hist = array("I", bytes(4 * const("TW_EXIT_BUCKETS")))
+            for secs, n in stays.items():
+                hist[schema.exit_bucket(int(secs * 1e9))] += n
+            raw = kl.struct.pack(*(key.get(name, b"" if name == "pad" else 0)
+                                   for name in kl.names))
+            out.append((kl.struct.unpack(raw), sum(stays.values()), hist.tobytes()))
+        return out
+
+
+def test_exits_counted_in_the_kernel_become_weighted_rows():
+    closed = {"daddr": socket.inet_aton("10.0.0.2").ljust(16, b"\0"), "pid": 812,
+              "family": socket.AF_INET, "sport": 8080, "dport": 0,
+              "outcome": const("TW_OUT_CLOSE"), "newstate": LAST_ACK,
+              "who": const("TW_F_OWNER"), "comm": b"server"}
+    reset = dict(closed, pid=900, comm=b"api", sport=41000, dport=5432,
+                 daddr=socket.inet_aton("10.0.0.60").ljust(16, b"\0"),
+                 outcome=const("TW_OUT_RESET"), newstate=CLOSE, who=const("TW_F_ACTOR"))
+    source = CountedSource([
+        [],  # at start
+        [(closed, {0.002: 2, 0.05: 1})],
+        [(closed, {0.002: 4, 0.05: 1}), (reset, {0.3: 1})],  # cumulative, as the kernel's
+        [(closed, {0.002: 4, 0.05: 1}), (reset, {0.3: 1})],  # nothing new
+    ])
+    clock = Clock(0.0)
+    col = collect.KernelCollector(source, {}, window_s=10.0, snapshot=lambda: [],
+                                  holders_of=lambda inodes: {}, clock=clock, cw_map=True)
+    for t in (0.0, 1.0, 2.0, 3.0):
+        clock.t = at(t)
+        s = col.sample()
+    rows = {r.group: r for r in build_rows(s)}
+    server, api = rows["server[812]"], rows["api[900]"]
+    assert (server.closed, server.causes, server.close_wait) == (5, {"closed": 5}, 0)
+    assert server.new_per_s == pytest.approx(5 / s.window_s, abs=0.001)
+    # durations to within 1/16 of the stay (the bucket's middle)
+    assert server.p50_s == pytest.approx(0.002, rel=1 / 16)
+    assert server.p99_s == pytest.approx(0.05, rel=1 / 16)
+    assert (api.closed, api.causes, api.p50_s) == (1, {"reset": 1}, pytest.approx(0.3, rel=1 / 16))
+    by_remote = {r.group: r.closed for r in build_rows(s, by="remote")}
+    # a server socket's peer is grouped by its address alone; a client's by address:port
+    assert by_remote == {"10.0.0.2": 5, "10.0.0.60:5432": 1}
 
 
 def test_snapshot_collector_ages_from_first_sight():

@@ -21,6 +21,7 @@ import select
 import socket
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 from functools import lru_cache
@@ -358,6 +359,9 @@ class KernelCollector:
         self._last_events = (0, clock())
         # (outcome, new state, leaked, slow) -> cause of an exit: a handful of distinct cases
         self._exit_causes: dict[tuple, str] = {}
+        # `exits` map key -> (count, histogram) at the last sample: exits counted in the
+        # kernel (top's raw path) are the differences.
+        self._counted: dict[tuple, tuple[int, bytes]] = {}
 
     def seed(self) -> None:
         """Track the sockets already in CLOSE_WAIT (ages from now, flagged pre-existing).
@@ -444,6 +448,40 @@ class KernelCollector:
             if duration is not None:
                 entered_out((ts_s - duration, sk, ended))
 
+    def _on_counted_exits(self, now_s: float) -> None:
+        """Short CLOSE_WAIT stays the kernel counted since the last sample (top's raw path):
+        one Ended per key and duration bucket, standing for `count` exits and their entries.
+        Timed at this sample (they happened since the last one, within one stay of it)."""
+        read = getattr(self.source, "read_exits", None)
+        if read is None:
+            return
+        addr, comm_text = schema.addr_text, schema.comm_text
+        rport_any = hostinfo.read_port_range()[0]  # any ephemeral port: remote_group drops it
+        for key, count, hist in read():
+            before = self._counted.get(key)
+            if before is not None and before[0] == count:
+                continue
+            self._counted[key] = (count, hist)
+            daddr, pid, _netns, family, sport, dport, outcome, new, _who, _pad, comm = key
+            now = array("I", hist)
+            old = array("I", before[1]) if before is not None else None
+            cause = self._exit_causes.get((outcome, new, False, False))
+            if cause is None:
+                cause = self._exit_causes[(outcome, new, False, False)] = ended_cause(
+                    outcome_name(outcome, new), 0.0, False, self.causes.slow_close_s)
+            comm_s = comm_text(comm)
+            raddr = addr(daddr, family)
+            for b, n in enumerate(now):
+                if old is not None:
+                    n -= old[b]
+                if n <= 0:
+                    continue
+                duration = round(schema.exit_bucket_ns(b) / 1e9, 6)
+                ended = Ended(pid, comm_s, self.view.cgroup_of(pid), sport, raddr,
+                              dport or rport_any, duration, cause, n)
+                self._ended.append((now_s, 0, ended))
+                self._map_entered.append((now_s - duration, 0, ended))
+
     def _map_tracked(self, now_ns: int) -> list:
         """The sockets in CLOSE_WAIT per the kernel's `cw` map, as Aggregator snapshots."""
         from tcpwatch.aggregate import CloseWaitSocket, Owner
@@ -473,6 +511,7 @@ class KernelCollector:
         now_ns = v.clock()
         if self.cw_map:
             entries, now_s = v.read()
+            self._on_counted_exits(now_s)
             cw = [e for e in entries if e[6] == CLOSE_WAIT]
             tracked = self._map_tracked(now_ns)
             procs = _close_wait_by_tuple(cw, _keys_of(tracked))
@@ -548,7 +587,7 @@ class KernelCollector:
         span = v.span(now_s)
         _prune(self._entered, now_s - span)
         _prune(self._ended, now_s - span)
-        gone = {sk: (e.pid, e.comm) for _, sk, e in self._ended}
+        gone = {sk: (e.pid, e.comm) for _, sk, e in self._ended if sk}
         if self.cw_map:
             limit = now_s - span
             self._map_entered = [x for x in self._map_entered if x[0] >= limit]
@@ -560,12 +599,13 @@ class KernelCollector:
             window_entries = list(self._entered)
         entered: list[SockRef] = []
         for _, sk, e in window_entries:
-            pid, comm = who.get(sk) or gone.get(sk) or (e.pid, e.comm)
+            # sk 0: exits the kernel counted (attributed there already)
+            pid, comm = (sk and (who.get(sk) or gone.get(sk))) or (e.pid, e.comm)
             cgroup = v.cgroup_of(pid)
             if pid == e.pid and comm == e.comm and cgroup == e.cgroup:
                 entered.append(e)  # already attributed so (an exit standing for its entry)
             else:
-                entered.append(Entered(pid, comm, cgroup, e.lport, e.raddr, e.rport))
+                entered.append(Entered(pid, comm, cgroup, e.lport, e.raddr, e.rport, e.count))
         counts = self.counters()
         # Kernel transitions per second: with the cw map only exits reach us, so the rate is
         # the kernel's own count of every transition it saw.

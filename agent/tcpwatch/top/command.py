@@ -246,8 +246,15 @@ def open_collector(window_s: float, ports: tuple[int, ...], leak_after: float,
 
     try:
         warnings = loader.preflight()
-        source = loader.KernelSource(loader.Options(states=(schema.CLOSE_WAIT,),
-                                                    ports=tuple(ports), cw_map=True))
+        from tcpwatch.classify import SLOW_CLOSE_S
+        from tcpwatch.top.hostinfo import read_port_range
+
+        # Exits after a shorter stay than this are never slow nor leaks: the kernel may count
+        # them instead of sending each (their cause does not depend on the exact duration).
+        detail_s = min(SLOW_CLOSE_S if slow_close is None else slow_close, leak_after)
+        source = loader.KernelSource(loader.Options(
+            states=(schema.CLOSE_WAIT,), ports=tuple(ports), cw_map=True,
+            exit_detail_s=detail_s, ephemeral=read_port_range()))
         opened = source.open()
     except loader.LoaderError as exc:
         return snapshot(f"kernel programs unavailable: {exc}")

@@ -56,15 +56,20 @@ class CwSock(SockRef):
 
 @dataclass(slots=True)
 class Entered(SockRef):
-    """A socket that entered CLOSE_WAIT during the window, attributed as well as known."""
+    """A socket that entered CLOSE_WAIT during the window, attributed as well as known
+    (`count` alike ones: the kernel counts short stays instead of sending each)."""
+
+    count: int = 1
 
 
 @dataclass(slots=True)
 class Ended(SockRef):
-    """A socket that left CLOSE_WAIT during the window: how long it stayed and why it left."""
+    """A socket that left CLOSE_WAIT during the window: how long it stayed and why it left
+    (`count` alike ones: short stays counted in the kernel, their duration to within 1/16)."""
 
     duration_s: float | None
     cause: str
+    count: int = 1
 
 
 @dataclass
@@ -116,17 +121,32 @@ class Row:
     closed: int  # sockets that left CLOSE_WAIT in the window
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of values, None for no values.
+def percentile(values: list[float], q: float, weights: list[int] | None = None
+               ) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of values, each counted `weights` times if
+    given; None for no values.
 
     >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 99)
     (2.0, 4.0)
+    >>> percentile([4.0, 1.0], 50, [1, 3]), percentile([4.0, 1.0], 80, [1, 3])
+    (1.0, 4.0)
     """
-    if not values:
+    if weights is None:
+        if not values:
+            return None
+        ordered = sorted(values)
+        rank = max(1, math.ceil(q / 100 * len(ordered)))
+        return ordered[rank - 1]
+    pairs = sorted((v, w) for v, w in zip(values, weights) if w > 0)
+    total = sum(w for _, w in pairs)
+    if not total:
         return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
+    rank, seen = max(1, math.ceil(q / 100 * total)), 0
+    for v, w in pairs:
+        seen += w
+        if seen >= rank:
+            return v
+    return pairs[-1][0]
 
 
 def _process(pid: int | None, comm: str | None) -> str:
@@ -223,28 +243,31 @@ def build_rows(sample: Sample, by: str = "process", sort: str = "count") -> list
     entered: dict[str, int] = {}
     for e in sample.entered:
         g = group_of(by, e, eph)
-        entered[g] = entered.get(g, 0) + 1
+        entered[g] = entered.get(g, 0) + e.count
 
     rows = []
     for g in sorted({*stuck, *ended, *entered}):
         socks, gone = stuck.get(g, []), ended.get(g, [])
         # Durations: finished stays, plus the ages so far of sockets still waiting (a lower
         # bound): otherwise a group whose sockets never leave would have no percentile at all.
-        durations = [e.duration_s for e in gone if e.duration_s is not None]
-        durations += [s.age_s for s in socks]
+        timed = [e for e in gone if e.duration_s is not None]
+        durations = [e.duration_s for e in timed] + [s.age_s for s in socks]
+        weights = [e.count for e in timed] + [1] * len(socks)
         causes: dict[str, int] = {}
-        for c in [s.cause for s in socks] or [e.cause for e in gone]:
-            causes[c] = causes.get(c, 0) + 1
+        for c, n in ([(s.cause, 1) for s in socks] or [(e.cause, e.count) for e in gone]):
+            causes[c] = causes.get(c, 0) + n
         pid, comm = _main_process([*socks, *gone])
         rows.append(Row(
             group=g, pid=pid, comm=comm, close_wait=len(socks),
             oldest_age_s=round(max(s.age_s for s in socks), 3) if socks else None,
             leaks=sum(s.leaked for s in socks),
             new_per_s=round(entered.get(g, 0) / sample.window_s, 3) if sample.window_s else 0.0,
-            p50_s=_r(percentile(durations, 50)), p99_s=_r(percentile(durations, 99)),
+            p50_s=_r(percentile(durations, 50, weights)),
+            p99_s=_r(percentile(durations, 99, weights)),
             unread_bytes=sum(s.unread or 0 for s in socks),
-            cause=dominant(s.cause for s in socks) or dominant(e.cause for e in gone),
-            causes=dict(sorted(causes.items())), closed=len(gone),
+            cause=dominant(s.cause for s in socks)
+            or dominant([e.cause for e in gone], [e.count for e in gone]),
+            causes=dict(sorted(causes.items())), closed=sum(e.count for e in gone),
         ))
     rows.sort(key=_sort_key(sort))
     return rows
@@ -259,7 +282,7 @@ def _main_process(items: list) -> tuple[int | None, str | None]:
     counts: dict[tuple, int] = {}
     for it in items:
         if it.pid is not None:
-            counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + 1
+            counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + getattr(it, "count", 1)
     if not counts:
         return None, None
     return min(counts, key=lambda k: (-counts[k], k[0]))
