@@ -163,8 +163,17 @@ def test_counters_from_bpftool_dump_formatted_and_raw():
                     {"cpu": 1, "value": ["0x02", "0", "0", "0", "0", "0", "0", "0"]}]},
     ]
     assert bench.counters_from_dump(formatted) == {
-        "events": 44, "lost": 5, "sock_miss": 0, "sock_full": 0, "filtered": 0}
+        "events": 44, "lost": 5, "sock_miss": 0, "sock_full": 0, "filtered": 0,
+        "transitions": 0, "exit_agg": 0}
     assert bench.counters_from_dump(raw)["lost"] == 259
+
+
+def test_counter_slots_are_the_headers():
+    from tcpwatch import schema
+
+    consts = schema.layout().consts
+    assert {name: consts["TW_CNT_" + name.upper()] for name in bench.CNT_SLOTS} == \
+        bench.CNT_SLOTS
 
 
 def test_find_numbers_in_top_json():
