@@ -323,7 +323,7 @@ class KernelSource:
         }
         if self.cw_raw:
             hooks["state"] = ("raw_tracepoint:inet_sock_set_state (CLOSE_WAIT only, struct "
-                              "reads checked)")
+                              "reads checked, skips rescued)")
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
 
     def _attach_rescue(self) -> list[str]:
