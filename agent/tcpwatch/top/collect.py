@@ -322,9 +322,11 @@ class KernelCollector:
 
     Two ways to get them, same Sample out:
     - cw_map=True (what `tcpwatch top` uses): the kernel keeps the sockets in CLOSE_WAIT in its
-      `cw` map (Options(cw_map=True)), read once per frame with source.read_cw(); only exits
-      travel as events, one per socket, decoded straight into `Ended`. Entries in the window
-      are told from the exits' durations and the map's entry times.
+      `cw` map (Options(cw_map=True)), read once per frame with source.read_cw(); exits travel
+      as events, one per socket, decoded straight into `Ended`, except short stays the kernel
+      counts in its `exits` map on top's raw path (read once per frame with read_exits(): one
+      weighted `Ended` per key and duration bucket). Entries in the window are told from the
+      exits' durations and the map's entry times.
     - cw_map=False: every CLOSE_WAIT entry, exit, EOF and owner event goes through the trace
       Aggregator (sources without a `cw` map, e.g. recorded event streams).
     """
@@ -405,8 +407,9 @@ class KernelCollector:
             rec["duration_s"], rec["cause"])))
 
     def _on_map_exits(self, batch: list[bytes]) -> None:
-        """CLOSE_WAIT exits from the kernel (cw map mode): the only events that travel, one
-        per connection in a churn, so each is read with one unpack and cached texts."""
+        """CLOSE_WAIT exits from the kernel (cw map mode): the only events that travel (one
+        per connection in a churn without the raw path), each read with one unpack and cached
+        texts."""
         if not batch:
             return
         unpack = _exit_unpacker()
