@@ -193,6 +193,7 @@ class KernelSource:
         self.ring_reader: str | None = None  # "mmap" or "bcc"; None with the perf buffer
         self._stack_cache: dict[tuple[int, int], list[str]] = {}
         self.cw_raw = False  # top's raw path is on (see _use_cw_raw)
+        self._raw_ok = False  # the struct reads it needs passed their checks
         self._top_link: int | None = None  # tw_top's raw tracepoint attachment
 
     # --- start-up ---------------------------------------------------------------
@@ -345,8 +346,8 @@ class KernelSource:
         """top: hand the tracepoint to the raw program alone (cw_raw() in the C) where the
         rescue's struct reads passed their check; else top keeps the classic program."""
         self.cw_raw = False
-        if not (self.opts.cw_map and self.rescue_loaded and self.rescue_hook) or self.opts.pids \
-                or set(self.opts.states) - {schema.CLOSE_WAIT}:
+        if not (self.opts.cw_map and self.rescue_loaded and self.rescue_hook and self._raw_ok) \
+                or self.opts.pids or set(self.opts.states) - {schema.CLOSE_WAIT}:
             return
         from bcc import BPF, lib
 
@@ -434,6 +435,9 @@ class KernelSource:
                 v6 = self._calib_connection(socket.AF_INET6, "::ffff:127.0.0.1",
                                             "::ffff:127.0.0.2")
         check = check_rescue_layout(v4, v6)
+        # top's raw path reads every tuple from the struct: both families must be checked
+        # (or IPv6 absent here).
+        self._raw_ok = check.mode == 3 or (check.mode == 1 and v6 is None)
         if check.problems:
             warnings.append("transitions the kernel skips " + (
                 "for IPv6 sockets " if check.mode else "") + "cannot be rescued ("
