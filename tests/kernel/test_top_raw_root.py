@@ -6,6 +6,8 @@ in the map or as a sent event, and tw_top's skips are all taken over by tw_rescu
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 from array import array
@@ -62,3 +64,46 @@ def test_every_close_wait_exit_of_a_churn_is_counted_once(churn_bin, netns):
     # Skips of tw_top (a softirq transition nested in it) are taken over by tw_rescue.
     assert counts["missed"] <= max(2, skips // 100), (counts, skips)
     assert counts["rescued"] >= skips - counts["missed"], (counts, skips)
+
+
+def test_ipv6_sockets_on_the_raw_path():
+    """The tuple comes from struct sock_common at the offsets checked for IPv6 too: a socket
+    held in CLOSE_WAIT is in the `cw` map with its addresses, one that left is counted under
+    the process that read its EOF and closed it."""
+    opts = loader.Options(states=(schema.CLOSE_WAIT,), cw_map=True, exit_detail_s=1.0)
+    src = loader.KernelSource(opts)
+    try:
+        src.open()
+        assert src.cw_raw
+        with socket.socket(socket.AF_INET6) as lsock:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind(("::1", PORT + 1))  # below the ephemeral range: one key for both
+            lsock.listen(8)
+            port = lsock.getsockname()[1]
+            pairs = []
+            for _ in range(3):
+                c = socket.create_connection(("::1", port))
+                a, peer = lsock.accept()
+                c.close()  # the server side goes to CLOSE_WAIT
+                pairs.append((a, peer[1]))
+            time.sleep(0.2)
+            for a, _ in pairs[:2]:
+                assert a.recv(1) == b""  # EOF: the owner, seen on the socket
+                a.close()
+            time.sleep(0.2)
+            held = {sk: v for sk, v in src.read_cw() if v[8] == port}
+            exits = [(k, n) for k, n, _ in src.read_exits() if k[4] == port]
+            pairs[2][0].close()
+    finally:
+        src.close()
+    (values,) = held.values()
+    lay = dict(zip(schema.layout_of("tw_cw").names, values))
+    assert lay["family"] == socket.AF_INET6
+    assert socket.inet_ntop(socket.AF_INET6, lay["saddr"]) == "::1"
+    assert (lay["sport"], lay["dport"]) == (port, pairs[2][1])
+    ((key, n),) = exits
+    k = dict(zip(schema.layout_of("tw_exit_key").names, key))
+    assert n == 2 and k["family"] == socket.AF_INET6 and k["pid"] == os.getpid()
+    assert k["dport"] == 0  # the clients' ephemeral ports, any
+    assert socket.inet_ntop(socket.AF_INET6, k["daddr"]) == "::1"
+    assert k["outcome"] == C["TW_OUT_CLOSE"] and k["who"] == C["TW_F_OWNER"]
