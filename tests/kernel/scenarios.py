@@ -578,3 +578,21 @@ class Burst:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def churn_in(netns: str, churn_bin, seconds: float, port: int, src) -> tuple[dict, int, list]:
+    """scripts/churn.c for `seconds` on `port` in network namespace `netns`, draining
+    `src` (a KernelSource) meanwhile: (churn's JSON result, its pid, the raw events).
+
+    Its own session: the churn must not share an autogroup with the reader. Its own
+    namespace: its ~100,000 TIME_WAIT sockets go with it, not into later tests.
+    """
+    got: list[bytes] = []
+    churn = subprocess.Popen(
+        ["ip", "netns", "exec", netns, str(churn_bin), "--seconds", str(seconds), "--port",
+         str(port)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    while churn.poll() is None:
+        got += src.poll(0.05)
+    out = churn.stdout.read()
+    assert churn.returncode == 0, out
+    return json.loads(out), churn.pid, got

@@ -10,14 +10,12 @@ Skips need a saturating churn: a timer interrupt must land while one of our prog
 from __future__ import annotations
 
 import ctypes
-import json
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from scenarios import PER_CONNECTION
+from scenarios import PER_CONNECTION, churn_in
 
 from tcpwatch import loader, schema
 
@@ -77,16 +75,9 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
         got: list[bytes] = []
         made = 0
         for _ in range(ROUNDS):
-            # Its own session: the churn must not share an autogroup with this reader. Its own
-            # namespace: its ~100,000 TIME_WAIT sockets go with it, not into later tests.
-            churn = subprocess.Popen(
-                ["ip", "netns", "exec", netns, str(churn_bin), "--seconds", "3", "--port",
-                 str(PORT)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-            while churn.poll() is None:
-                got += src.poll(0.05)
-            out = churn.stdout.read()
-            assert churn.returncode == 0, out
-            made += json.loads(out)["connections"] * PER_CONNECTION + 2  # + the listener
+            result, _, batch = churn_in(netns, churn_bin, 3, PORT, src)
+            got += batch
+            made += result["connections"] * PER_CONNECTION + 2  # + the listener
             if classic_skips(src) >= WANT_SKIPS:
                 break
         # The churn has ended: drain until the ring stays empty for a while.

@@ -5,14 +5,13 @@ in the map or as a sent event, and tw_top's skips are all taken over by tw_rescu
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import time
 from array import array
 
 import pytest
+from scenarios import churn_in
 
 from tcpwatch import loader, schema
 
@@ -30,15 +29,8 @@ def test_every_close_wait_exit_of_a_churn_is_counted_once(churn_bin, netns):
         opened = src.open()
         assert src.cw_raw, (opened.hooks, opened.warnings)
         assert opened.hooks["state"].startswith("raw_tracepoint:"), opened.hooks
-        got: list[bytes] = []
-        churn = subprocess.Popen(
-            ["ip", "netns", "exec", netns, str(churn_bin), "--seconds", "4", "--port",
-             str(PORT)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-        while churn.poll() is None:
-            got += src.poll(0.05)
-        out = churn.stdout.read()
-        assert churn.returncode == 0, out
-        made = json.loads(out)["connections"]
+        result, churn_pid, got = churn_in(netns, churn_bin, 4, PORT, src)
+        made = result["connections"]
         time.sleep(0.5)  # the last FINs and closes
         got += src.poll(0.1)
         counts = src.counters()
@@ -54,7 +46,7 @@ def test_every_close_wait_exit_of_a_churn_is_counted_once(churn_bin, netns):
         daddr, pid, _netns, family, sport, dport, outcome, new, who, _pad, comm = key
         assert sum(array("I", hist)) == count, key
         # The churn's server sockets: its own process read the EOF, then closed them.
-        assert (pid, schema.comm_text(comm), sport, dport) == (churn.pid, "churn", PORT, 0), key
+        assert (pid, schema.comm_text(comm), sport, dport) == (churn_pid, "churn", PORT, 0), key
         assert (outcome, who) == (C["TW_OUT_CLOSE"], C["TW_F_OWNER"]), key
         counted += count
     assert counts["exit_agg"] == counted and counts["lost"] == 0, counts
