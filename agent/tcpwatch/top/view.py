@@ -80,7 +80,7 @@ def fmt_rate(x: float) -> str:
 def _header(sample: Sample, by: str, sort: str) -> list[Text]:
     h = sample.host
     title = Text(f"tcpwatch top  {clean(h.hostname)}  {sample.mode}  by {by}  sort {sort}  "
-                 f"{sample.window_s:g}s")
+                 f"{round(sample.window_s, 1):g}s")  # the window covered so far
     if sample.ts:
         title.append(f"  {sample.ts[11:19]}Z")
     lines = [title]
