@@ -9,13 +9,15 @@
 //   TW_PERF_BUFFER   perf buffer instead of the ring buffer (kernels before 5.8)
 //   TW_RAW_SOCK_HOOKS 1: recv/send length hooks as raw tracepoints (see there), 0: classic
 //   TW_RESCUE        1: a raw tracepoint program handles the firings the classic state
-//                    program does not run for (see "rescue" below)
+//                    program does not run for (see "rescue" below); top may then run on
+//                    raw programs alone (TW_CFG_CW_RAW, see "top's raw path")
 //   TW_MAX_SOCKS, TW_RB_PAGES  map and ring buffer sizes
 // User input never reaches this text: filters live in maps written after load.
 //
 // No kernel header is included on the tracepoint paths: tracepoint arguments carry
 // everything except the network namespace, which is read through two offsets that
-// the loader calibrates at start-up (TW_CFG_NET_OFF, TW_CFG_NETNS_OFF).
+// the loader calibrates at start-up (TW_CFG_NET_OFF, TW_CFG_NETNS_OFF). The raw programs
+// read the tuple from struct sock_common at offsets checked the same way.
 
 #if TW_STATE_TP == 3 || TW_CLOSE_HOOK != 0
 #include <net/sock.h>
