@@ -86,8 +86,13 @@ def test_ipv6_sockets_on_the_raw_path():
             held = {sk: v for sk, v in src.read_cw() if v[8] == port}
             exits = [(k, n) for k, n, _ in src.read_exits() if k[4] == port]
             pairs[2][0].close()
+            listening = [k.port for k in src.bpf["listeners"]]
+        time.sleep(0.1)
+        closed = [k.port for k in src.bpf["listeners"]]
     finally:
         src.close()
+    # The listener's owner is noted at listen() and dropped at its close.
+    assert port in listening and port not in closed, (listening, closed)
     (values,) = held.values()
     lay = dict(zip(schema.layout_of("tw_cw").names, values))
     assert lay["family"] == socket.AF_INET6
