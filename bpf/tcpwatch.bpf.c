@@ -110,6 +110,10 @@ BPF_ARRAY(calib, struct tw_calib, 2);
 #define TW_MAX_CW 262144
 #endif
 BPF_HASH(cw, u64, struct tw_cw, TW_MAX_CW);
+// top's raw path, which keeps no socket map: the task last seen reading or writing a TCP
+// socket not in CLOSE_WAIT yet (a server reads the request before the client's FIN), taken
+// into its `cw` entry when the FIN comes, dropped when the socket closes.
+BPF_TABLE("lru_hash", u64, struct tw_owner, seen_owner, TW_MAX_SOCKS);
 BPF_HASH(pid_filter, u32, u8, 1024);
 BPF_HASH(port_filter, u16, u8, 1024);
 #ifdef TW_STACKS
@@ -732,7 +736,19 @@ static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
 	c.sport = h.num;
 	c.dport = dport;
 	c.netns = sock_netns(cf, sk);
-	// Until the owner touches the socket (cw_seen), it is charged to its listener's owner.
+	// The task seen on the socket before; else, until the owner touches it (cw_seen), the
+	// socket is charged to its listener's owner.
+	o = seen_owner.lookup(&sk);
+	if (o) {
+		c.pid = o->pid;
+		c.tid = o->tid;
+		__builtin_memcpy(c.comm, o->comm, TW_COMM_LEN);
+		c.flags = TW_F_OWNER;
+		seen_owner.delete(&sk); // the `cw` entry has it now
+		if (cw.update(&sk, &c))
+			count(TW_CNT_CW_FULL);
+		return 0;
+	}
 	lk.netns = c.netns;
 	lk.family = h.family;
 	lk.port = h.num;
@@ -816,6 +832,8 @@ static __always_inline int cw_raw_exit(void *ctx, struct tw_cfg *cf, u64 sk, int
 static __always_inline int cw_raw(void *ctx, struct tw_cfg *cf, u64 sk, int old, int new)
 {
 	count(TW_CNT_TRANSITIONS); // top's events/s
+	if (new == TS_CLOSE)
+		seen_owner.delete(&sk);
 	if (old == TS_CLOSE_WAIT)
 		return cw_raw_exit(ctx, cf, sk, new);
 	if (new == TS_CLOSE_WAIT)
@@ -991,14 +1009,26 @@ static __always_inline void emit_sock(void *ctx, u64 sk, struct tw_sock *s, u8 k
 }
 
 // top's raw path: the socket's `cw` entry is all there is (only sockets in CLOSE_WAIT matter).
-static __always_inline void cw_seen(u64 sk, int ret, int is_recv)
+static __always_inline void cw_seen(struct tw_cfg *cf, u64 sk, int ret, int is_recv)
 {
 	struct tw_cw *c = cw.lookup(&sk);
-	u64 id;
+	u64 id = bpf_get_current_pid_tgid(), prot = 0;
 
-	if (!c)
+	if (!c) {
+		struct tw_owner *o = seen_owner.lookup(&sk), n = {};
+
+		if (o && o->pid == (id >> 32))
+			return;
+		// Any socket's recv() comes here: remember TCP ones only (skc_prot, as checked).
+		bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
+		if (!prot || (prot != cf->v[TW_CFG_TCP_PROT] && prot != cf->v[TW_CFG_TCPV6_PROT]))
+			return;
+		n.pid = id >> 32;
+		n.tid = (u32)id;
+		bpf_get_current_comm(&n.comm, sizeof(n.comm));
+		seen_owner.update(&sk, &n);
 		return;
-	id = bpf_get_current_pid_tgid();
+	}
 	if (!(c->flags & TW_F_OWNER) || c->pid != (id >> 32)) {
 		c->pid = id >> 32;
 		c->tid = (u32)id;
@@ -1023,7 +1053,7 @@ static __always_inline void seen_in_process(void *ctx, u64 sk, int ret, int is_r
 	u64 id;
 
 	if (cf && cf->v[TW_CFG_CW_RAW]) {
-		cw_seen(sk, ret, is_recv);
+		cw_seen(cf, sk, ret, is_recv);
 		return;
 	}
 	s = socks.lookup(&sk);

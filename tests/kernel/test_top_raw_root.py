@@ -104,3 +104,29 @@ def test_ipv6_sockets_on_the_raw_path():
     assert k["dport"] == 0  # the clients' ephemeral ports, any
     assert socket.inet_ntop(socket.AF_INET6, k["daddr"]) == "::1"
     assert k["outcome"] == C["TW_OUT_CLOSE"] and k["who"] == C["TW_F_OWNER"]
+
+
+def test_an_owner_seen_before_the_fin_is_kept():
+    """A server reads the request, then the client closes: the owner seen on the socket
+    while it was ESTABLISHED (no socket map on this path) goes into its `cw` entry, not only
+    the listener's owner (which a prefork master may be)."""
+    src = loader.KernelSource(loader.Options(states=(schema.CLOSE_WAIT,), cw_map=True))
+    try:
+        src.open()
+        assert src.cw_raw
+        with socket.create_server(("127.0.0.1", 0)) as lsock:
+            port = lsock.getsockname()[1]
+            c = socket.create_connection(("127.0.0.1", port))
+            a, _ = lsock.accept()
+            c.sendall(b"request")
+            assert a.recv(100) == b"request"  # ESTABLISHED: the owner is seen here
+            c.close()
+            time.sleep(0.2)
+            cw = {sk: dict(zip(schema.layout_of("tw_cw").names, v))
+                  for sk, v in src.read_cw() if v[8] == port}
+            a.close()
+    finally:
+        src.close()
+    (entry,) = cw.values()
+    assert entry["flags"] & C["TW_F_OWNER"] and not entry["flags"] & C["TW_F_OWNER_LISTENER"]
+    assert entry["pid"] == os.getpid()
