@@ -725,6 +725,7 @@ static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
 	struct tw_owner *o;
 	struct tw_cw c = {};
 	u16 dport;
+	u8 how = TW_F_OWNER;
 
 	if (!cf->v[TW_CFG_ENABLED] || !skc_tuple(cf, sk, &h, c.saddr, c.daddr))
 		return 0;
@@ -739,25 +740,20 @@ static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
 	// The task seen on the socket before; else, until the owner touches it (cw_seen), the
 	// socket is charged to its listener's owner.
 	o = seen_owner.lookup(&sk);
-	if (o) {
-		c.pid = o->pid;
-		c.tid = o->tid;
-		__builtin_memcpy(c.comm, o->comm, TW_COMM_LEN);
-		c.flags = TW_F_OWNER;
-		seen_owner.delete(&sk); // the `cw` entry has it now
-		if (cw.update(&sk, &c))
-			count(TW_CNT_CW_FULL);
-		return 0;
+	if (!o) {
+		how = TW_F_OWNER_LISTENER;
+		lk.netns = c.netns;
+		lk.family = h.family;
+		lk.port = h.num;
+		o = listeners.lookup(&lk);
 	}
-	lk.netns = c.netns;
-	lk.family = h.family;
-	lk.port = h.num;
-	o = listeners.lookup(&lk);
 	if (o) {
 		c.pid = o->pid;
 		c.tid = o->tid;
 		__builtin_memcpy(c.comm, o->comm, TW_COMM_LEN);
-		c.flags = TW_F_OWNER_LISTENER;
+		c.flags = how;
+		if (how == TW_F_OWNER)
+			seen_owner.delete(&sk); // the `cw` entry has it now
 	}
 	if (cw.update(&sk, &c))
 		count(TW_CNT_CW_FULL);
