@@ -190,6 +190,16 @@ static __always_inline u32 sock_netns(struct tw_cfg *cf, u64 sk)
 	return inum;
 }
 
+// TCP sockets point at tcp_prot or tcpv6_prot (skc_prot, checked on the calibration
+// sockets); SCTP, MPTCP... go through the same tracepoints.
+static __always_inline int is_tcp(struct tw_cfg *cf, u64 sk)
+{
+	u64 prot = 0;
+
+	bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
+	return prot && (prot == cf->v[TW_CFG_TCP_PROT] || prot == cf->v[TW_CFG_TCPV6_PROT]);
+}
+
 // Dump the head of struct sock (and of its struct net) for the loader's calibration
 // sockets, with the tracepoint's view of them, so the loader can find and check the
 // offsets instead of trusting headers.
@@ -237,6 +247,12 @@ static __always_inline void set_owner_current(struct tw_sock *s)
 	bpf_get_current_comm(&s->comm, sizeof(s->comm));
 }
 
+// --port: a local or remote port in `port_filter` (always, without the filter).
+static __always_inline int port_wanted(struct tw_cfg *cf, u16 sport, u16 dport)
+{
+	return !cf->v[TW_CFG_FILTER_PORT] || port_filter.lookup(&sport) || port_filter.lookup(&dport);
+}
+
 static __always_inline int wanted(struct tw_cfg *cf, struct tw_sock *s, int old, int new,
 				  u16 sport, u16 dport)
 {
@@ -244,7 +260,7 @@ static __always_inline int wanted(struct tw_cfg *cf, struct tw_sock *s, int old,
 
 	if (mask && !(mask & ((1ULL << old) | (1ULL << new))))
 		return 0;
-	if (cf->v[TW_CFG_FILTER_PORT] && !port_filter.lookup(&sport) && !port_filter.lookup(&dport))
+	if (!port_wanted(cf, sport, dport))
 		return 0;
 	if (cf->v[TW_CFG_FILTER_PID]) {
 		// An unknown owner may still be the wanted one: let CLOSE_WAIT traffic through
@@ -615,11 +631,9 @@ struct tw_skc_head {
 static __always_inline int skc_tuple(struct tw_cfg *cf, u64 sk, struct tw_skc_head *h,
 				     u8 *saddr, u8 *daddr)
 {
-	u64 mode = cf->v[TW_CFG_RESCUE], prot = 0;
+	u64 mode = cf->v[TW_CFG_RESCUE];
 
-	bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
-	// TCP sockets point at tcp_prot or tcpv6_prot; SCTP, MPTCP... the classic one ignores.
-	if (!prot || (prot != cf->v[TW_CFG_TCP_PROT] && prot != cf->v[TW_CFG_TCPV6_PROT]))
+	if (!is_tcp(cf, sk))
 		return 0;
 	bpf_probe_read_kernel(h, sizeof(*h), (void *)sk);
 	if (h->family == TW_AF_INET && (mode & 1)) {
@@ -653,7 +667,7 @@ BPF_HASH(exits, struct tw_exit_key, struct tw_exit_agg, TW_MAX_EXIT_KEYS);
 BPF_ARRAY(exit_zero, struct tw_exit_agg, 1); // never written: a new key's first value
 
 // Histogram bucket of a duration (see TW_EXIT_* in tcpwatch.h; schema.exit_bucket() is the
-// same computation in Python, checked against this one by the kernel tests).
+// same computation in Python: keep the two alike).
 static __always_inline u64 exit_bucket(u64 ns)
 {
 	u64 v = ns >> TW_EXIT_SHIFT, x;
@@ -730,7 +744,7 @@ static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
 	if (!cf->v[TW_CFG_ENABLED] || !skc_tuple(cf, sk, &h, c.saddr, c.daddr))
 		return 0;
 	dport = ntohs(h.dport);
-	if (cf->v[TW_CFG_FILTER_PORT] && !port_filter.lookup(&h.num) && !port_filter.lookup(&dport))
+	if (!port_wanted(cf, h.num, dport))
 		return 0;
 	c.ts_ns = bpf_ktime_get_ns();
 	c.family = h.family;
@@ -794,8 +808,7 @@ static __always_inline int cw_raw_exit(void *ctx, struct tw_cfg *cf, u64 sk, int
 		family = h.family;
 		sport = h.num;
 		dport = ntohs(h.dport);
-		if (cf->v[TW_CFG_FILTER_PORT] && !port_filter.lookup(&sport) &&
-		    !port_filter.lookup(&dport))
+		if (!port_wanted(cf, sport, dport))
 			return 0;
 		s.netns = sock_netns(cf, sk);
 		flags = TW_F_CW_UNKNOWN | TW_F_PREV_UNKNOWN;
@@ -808,15 +821,14 @@ static __always_inline int cw_raw_exit(void *ctx, struct tw_cfg *cf, u64 sk, int
 	else if (!s.owner && (flags & TW_F_ACTOR))
 		who = TW_F_ACTOR;
 	if (c) {
+		cw.delete(&sk); // everything needed of it is copied above
 		if (who && cw_ns < cf->v[TW_CFG_EXIT_DETAIL_NS]) {
 			if (exit_count(cf, &s, who, daddr, family, sport, dport, outcome, new, cw_ns)) {
-				cw.delete(&sk);
 				count(TW_CNT_EXIT_AGG);
 				return 0;
 			}
 			count(TW_CNT_EXIT_FULL);
 		}
-		cw.delete(&sk);
 	}
 	if (!s.owner && (flags & TW_F_ACTOR))
 		set_owner_current(&s);
@@ -1008,16 +1020,13 @@ static __always_inline void emit_sock(void *ctx, u64 sk, struct tw_sock *s, u8 k
 static __always_inline void cw_seen(struct tw_cfg *cf, u64 sk, int ret, int is_recv)
 {
 	struct tw_cw *c = cw.lookup(&sk);
-	u64 id = bpf_get_current_pid_tgid(), prot = 0;
+	u64 id = bpf_get_current_pid_tgid();
 
 	if (!c) {
 		struct tw_owner *o = seen_owner.lookup(&sk), n = {};
 
-		if (o && o->pid == (id >> 32))
-			return;
-		// Any socket's recv() comes here: remember TCP ones only (skc_prot, as checked).
-		bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
-		if (!prot || (prot != cf->v[TW_CFG_TCP_PROT] && prot != cf->v[TW_CFG_TCPV6_PROT]))
+		// Any socket's recv() comes here: remember TCP ones only.
+		if ((o && o->pid == (id >> 32)) || !is_tcp(cf, sk))
 			return;
 		n.pid = id >> 32;
 		n.tid = (u32)id;

@@ -331,7 +331,6 @@ class KernelSource:
         """The rescue program goes on after the classic state program: for each firing, the
         kernel runs the probes of a tracepoint in the order they were attached."""
         self.rescue_loaded = False
-        self.cw_raw = False
         if not self.rescue_built:
             return []
         try:
@@ -597,13 +596,7 @@ class KernelSource:
         if not self.cw_raw:
             return []
         kl, vl = schema.layout_of("tw_exit_key"), schema.layout_of("tw_exit_agg")
-        table = self.bpf["exits"]
-        try:
-            keys, values = _lookup_batch(table.map_fd, kl.size, vl.size)
-        except OSError:
-            pairs = list(table.items())
-            keys = b"".join(bytes(k) for k, _ in pairs)
-            values = b"".join(bytes(v) for _, v in pairs)
+        keys, values = _map_bytes(self.bpf["exits"], kl.size, vl.size)
         return [(k, count, hist) for k, (count, hist) in zip(
             kl.struct.iter_unpack(keys), vl.struct.iter_unpack(values))]
 
@@ -614,14 +607,8 @@ class KernelSource:
         struct.iter_unpack: 100,000 sockets cost tens of milliseconds, not one syscall and one
         ctypes object each. Falls back to bcc's per-key iteration on older kernels.
         """
-        table = self.bpf["cw"]
         lay = schema.layout_of("tw_cw")
-        try:
-            keys, values = _lookup_batch(table.map_fd, 8, lay.size)
-        except OSError:
-            pairs = list(table.items())
-            keys = b"".join(bytes(k) for k, _ in pairs)
-            values = b"".join(bytes(v) for _, v in pairs)
+        keys, values = _map_bytes(self.bpf["cw"], 8, lay.size)
         sks = [k for (k,) in struct.iter_unpack("=Q", keys)]
         return list(zip(sks, lay.struct.iter_unpack(values)))
 
@@ -684,6 +671,16 @@ STATE_PROGS = (
 
 
 _BATCH = 8192
+
+
+def _map_bytes(table, key_size: int, value_size: int) -> tuple[bytes, bytes]:
+    """All keys and values of a bcc hash table as two byte strings: in batches where the
+    kernel has BPF_MAP_LOOKUP_BATCH (5.6+), else through bcc's per-key iteration."""
+    try:
+        return _lookup_batch(table.map_fd, key_size, value_size)
+    except OSError:
+        pairs = list(table.items())
+        return b"".join(bytes(k) for k, _ in pairs), b"".join(bytes(v) for _, v in pairs)
 
 
 def _lookup_batch(map_fd: int, key_size: int, value_size: int) -> tuple[bytes, bytes]:

@@ -512,19 +512,18 @@ class KernelCollector:
     def sample(self) -> Sample:
         v = self.view
         now_ns = v.clock()
-        if self.cw_map:
-            entries, now_s = v.read()
-            self._on_counted_exits(now_s)
-            cw = [e for e in entries if e[6] == CLOSE_WAIT]
-            tracked = self._map_tracked(now_ns)
-            procs = _close_wait_by_tuple(cw, _keys_of(tracked))
-            self._forget_stale(tracked, procs, now_ns)
-            return self._build(entries, cw, procs, now_s, now_ns, tracked)
-        self.agg.tick(now_ns)
+        if not self.cw_map:
+            self.agg.tick(now_ns)
         entries, now_s = v.read()
         cw = [e for e in entries if e[6] == CLOSE_WAIT]
-        tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
+        if self.cw_map:
+            self._on_counted_exits(now_s)
+            tracked = self._map_tracked(now_ns)
+        else:
+            tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
         procs = _close_wait_by_tuple(cw, _keys_of(tracked))
+        if self.cw_map:
+            self._forget_stale(tracked, procs, now_ns)
         return self._build(entries, cw, procs, now_s, now_ns, tracked)
 
     def _forget_stale(self, tracked: list, procs: dict, now_ns: int) -> None:
