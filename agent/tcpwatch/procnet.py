@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -85,13 +85,17 @@ class TcpEntry(NamedTuple):
         return self[:6]  # the first six fields, in this order (a C-level slice)
 
 
+# A batch of entries in, the ones to keep out (procnet.snapshot(each=...)).
+Each = Callable[[list[TcpEntry]], list[TcpEntry]]
+
+
 class Holder(NamedTuple):
     """A process holding a descriptor to a socket: Holder(pid=812, comm='server', fd=5).
     (A NamedTuple: there is one per open socket descriptor, 100,000s on a big host.)"""
 
     pid: int
     comm: str
-    fd: int
+    fd: int | None  # None from holders_of(..., fds=False)
 
 
 @dataclass(frozen=True)
@@ -371,7 +375,7 @@ def _socket_in(ns_fd: int, inode: int):  # -> socket.socket | None
 
 
 def _read_via_sock_diag(
-    ns: Namespace, proc_root: str, states: frozenset[int] | None
+    ns: Namespace, proc_root: str, states: frozenset[int] | None, each: Each | None = None
 ) -> list[TcpEntry] | None:
     """The namespace's sockets through sock_diag; None if it cannot be read that way."""
     global _sock_diag_missing
@@ -388,7 +392,7 @@ def _read_via_sock_diag(
             if sock is None:
                 return None
         with sock:
-            return sockdiag.read_tcp(sock, ns.inode, states)
+            return sockdiag.read_tcp(sock, ns.inode, states, each)
     except OSError as exc:  # only netlink's: the namespace checks above do not raise
         if exc.errno in _NO_SOCK_DIAG:
             _sock_diag_missing = True
@@ -398,10 +402,13 @@ def _read_via_sock_diag(
 
 
 def read_tcp(
-    ns: Namespace, proc_root: str = "/proc", states: Iterable[int] | None = None
+    ns: Namespace, proc_root: str = "/proc", states: Iterable[int] | None = None,
+    each: Each | None = None,
 ) -> list[TcpEntry]:
     """The tcp and tcp6 tables of one namespace, tagged with its inode; [] if unreachable.
     Only the sockets in `states` (TCP state numbers, e.g. {8} for CLOSE_WAIT) if given.
+    each: called on every batch of entries read (one netlink datagram, or the whole table
+    from /proc); what it returns is kept instead (top counts and drops most sockets so).
 
     Tries sock_diag first (a netlink socket made in the namespace, entered through
     /proc/<pid>/ns/net or ns.path; states filtered in the kernel), then the text of
@@ -414,7 +421,7 @@ def read_tcp(
     """
     wanted = None if states is None else frozenset(states)
     if use_sock_diag():
-        entries = _read_via_sock_diag(ns, proc_root, wanted)
+        entries = _read_via_sock_diag(ns, proc_root, wanted, each)
         if entries is not None:
             return entries
     tables = None
@@ -428,13 +435,15 @@ def read_tcp(
     entries = [*parse_tcp_table(v4, 4, ns.inode), *parse_tcp_table(v6, 6, ns.inode)]
     if wanted is not None:
         entries = [e for e in entries if e.state in wanted]
-    return entries
+    return each(entries) if each is not None else entries
 
 
 def snapshot(
-    states: set[int] | None = None, proc_root: str = "/proc", run_netns: str = "/run/netns"
+    states: set[int] | None = None, proc_root: str = "/proc", run_netns: str = "/run/netns",
+    each: Each | None = None,
 ) -> list[TcpEntry]:
-    """All TCP sockets in every reachable namespace, only those in `states` if given.
+    """All TCP sockets in every reachable namespace, only those in `states` if given
+    (each: as in read_tcp).
 
     >>> snapshot({8})  # 8 == CLOSE_WAIT  # doctest: +SKIP
     [TcpEntry(netns=4026531833, family=4, laddr='127.0.0.1', lport=8080, raddr='127.0.0.1',
@@ -442,7 +451,7 @@ def snapshot(
     """
     entries = []
     for ns in list_netns(proc_root, run_netns):
-        entries.extend(read_tcp(ns, proc_root, states))
+        entries.extend(read_tcp(ns, proc_root, states, each))
     return entries
 
 
@@ -465,11 +474,14 @@ def _socket_fds(pid_fd: int, wanted: set[int]) -> list[tuple[int, int]]:
         os.close(fd_dir)
 
 
-def holders_of(inodes: Iterable[int], proc_root: str = "/proc") -> dict[int, list[Holder]]:
+def holders_of(inodes: Iterable[int], proc_root: str = "/proc", fds: bool = True
+               ) -> dict[int, Sequence[Holder]]:
     """Who holds each of these socket inodes: one pass over /proc/*/fd/*.
 
     Inodes nobody holds are absent from the result; inode 0 (a socket not accepted yet) is
     never looked up. Processes that vanish or cannot be read are skipped.
+    fds=False: one Holder(pid, comm, None) per process, in tuples shared between inodes
+    (top keeps 100,000s of them and needs no descriptor numbers).
 
     >>> holders_of([9204, 0, 777])  # doctest: +SKIP
     {9204: [Holder(pid=812, comm='server', fd=5), Holder(pid=815, comm='worker', fd=5)]}
@@ -490,8 +502,17 @@ def holders_of(inodes: Iterable[int], proc_root: str = "/proc") -> dict[int, lis
             continue  # vanished, or not ours to read
         finally:
             os.close(pid_fd)
-        for fd, inode in hits:
-            found.setdefault(inode, []).append(Holder(pid, comm, fd))
+        if fds:
+            for fd, inode in hits:
+                found.setdefault(inode, []).append(Holder(pid, comm, fd))
+            continue
+        one = (Holder(pid, comm, None),)
+        for _, inode in hits:
+            held = found.get(inode)
+            if held is None:
+                found[inode] = one
+            elif one[0] not in held:  # one entry per process, however many descriptors
+                found[inode] = (*held, one[0])
     return found
 
 

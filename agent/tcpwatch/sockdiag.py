@@ -37,7 +37,7 @@ import sys
 import threading
 from collections.abc import Iterable
 
-from tcpwatch.procnet import TcpEntry
+from tcpwatch.procnet import Each, TcpEntry
 
 NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h
 SOCK_DIAG_BY_FAMILY = 20  # include/uapi/linux/sock_diag.h
@@ -236,8 +236,9 @@ def _buffer() -> bytearray:
 
 
 def dump(sock: socket.socket, family: int, mask: int, netns: int, out: list[TcpEntry],
-         cache: dict[int, AddressTexts] | None = None) -> None:
-    """One family's TCP sockets in the states of `mask`, appended to out. OSError on failure."""
+         cache: dict[int, AddressTexts] | None = None, each: Each | None = None) -> None:
+    """One family's TCP sockets in the states of `mask`, appended to out (what `each`
+    returns for each datagram's entries, if given). OSError on failure."""
     sock.send(request(family, mask, family))  # seq: one dump at a time per socket
     buf = _buffer()
     view = memoryview(buf)
@@ -249,15 +250,23 @@ def dump(sock: socket.socket, family: int, mask: int, netns: int, out: list[TcpE
             raise OSError(errno.EMSGSIZE, f"sock_diag: {n}-byte datagram cut to {len(buf)}")
         if n == 0:
             raise _bad("empty datagram before NLMSG_DONE")
-        if parse(view[:n], netns, out, cache):
+        if each is None:
+            if parse(view[:n], netns, out, cache):
+                return
+            continue
+        batch: list[TcpEntry] = []
+        done = parse(view[:n], netns, batch, cache)
+        out.extend(each(batch))
+        if done:
             return
 
 
-def read_tcp(sock: socket.socket, netns: int, states: Iterable[int] | None = None
-             ) -> list[TcpEntry]:
+def read_tcp(sock: socket.socket, netns: int, states: Iterable[int] | None = None,
+             each: Each | None = None) -> list[TcpEntry]:
     """The IPv4 then IPv6 TCP sockets of the namespace `sock` was created in, tagged `netns`,
     only those in `states` (TCP state numbers) if given: what procnet reads from
-    /proc/net/tcp and tcp6, field for field. OSError if the dump fails."""
+    /proc/net/tcp and tcp6, field for field. OSError if the dump fails. each: see dump()
+    (request sockets get their listener's uid only if it keeps both)."""
     wanted = None if states is None else frozenset(states)
     mask = states_mask(wanted)
     out: list[TcpEntry] = []
@@ -265,7 +274,7 @@ def read_tcp(sock: socket.socket, netns: int, states: Iterable[int] | None = Non
         return out
     cache = address_cache()
     for family in (socket.AF_INET, socket.AF_INET6):
-        dump(sock, family, mask, netns, out, cache)
+        dump(sock, family, mask, netns, out, cache, each)
     if mask & (1 << SYN_RECV):
         out = fix_request_uids(out)
         if wanted is not None and LISTEN not in wanted:

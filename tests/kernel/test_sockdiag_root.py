@@ -52,9 +52,9 @@ def via_diag(ns: Namespace, states=None) -> list[TcpEntry]:
     calls = []
     real = sockdiag.read_tcp
 
-    def spy(sock, netns, states=None):
+    def spy(sock, netns, states=None, each=None):
         calls.append(netns)
-        return real(sock, netns, states)
+        return real(sock, netns, states, each)
 
     sockdiag.read_tcp = spy
     try:
@@ -295,3 +295,64 @@ def test_falls_back_to_proc(zoo, monkeypatch, code, latched):
     assert got == before and got
     assert procnet._sock_diag_missing is latched
     assert procnet.use_sock_diag() is not latched
+
+
+# Run with `ip netns exec`: N connections whose clients shut down their side (FIN_WAIT2) while
+# the servers never read nor close (CLOSE_WAIT), from several source addresses.
+MANY = textwrap.dedent(
+    """
+    import socket, sys, time
+    n = int(sys.argv[1])
+    l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(4096)
+    port = l.getsockname()[1]
+    keep = []
+    for i in range(n):
+        c = socket.socket(); c.bind((f"127.0.0.{2 + i % 3}", 0)); c.connect(("127.0.0.1", port))
+        s, _ = l.accept(); c.shutdown(socket.SHUT_WR); keep += [c, s]
+    time.sleep(0.3)
+    print(port, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_tally_fed_datagram_by_datagram_equals_one_over_the_whole_table(netns):
+    """top counts each netlink datagram's sockets and keeps only CLOSE_WAIT and LISTEN ones:
+    on a real dump of many datagrams, the figures and the kept sockets are those of one
+    tally over the whole table."""
+    from tcpwatch.top.hostinfo import HostTally
+
+    path = f"/run/netns/{netns}"
+    ns = Namespace(os.stat(path).st_ino, None, path)
+    child = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", MANY, "1500"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline(), "the holder died before making its sockets"
+        port_range = (32768, 60999)
+        for _ in range(20):  # until two reads agree (handshakes settle on their own)
+            whole = read_tcp(ns)
+            batches: list[int] = []
+            fed = HostTally(port_range, {}, 1.0)
+
+            def take(entries, fed=fed, batches=batches):
+                batches.append(len(entries))
+                return fed.take(entries)
+
+            kept = read_tcp(ns, each=take)
+            if {e[:7] for e in read_tcp(ns)} == {e[:7] for e in whole}:
+                break
+        one = HostTally(port_range, {}, 1.0)
+        assert sorted(one.take(whole)) == sorted(kept)
+        assert len(batches) > 4, batches  # 3,000 sockets do not fit one datagram
+        assert {e.state for e in kept} == {CLOSE_WAIT, LISTEN} and len(kept) == 1501
+        assert fed.state_names() == one.state_names() == {
+            "FIN_WAIT2": 1500, "CLOSE_WAIT": 1500, "LISTEN": 1}
+        assert fed.port_risk(set()) == one.port_risk(set())
+        assert [r.held for r in one.port_risk(set())[:3]] == [500, 500, 500]
+        assert fed.fin_wait2() == one.fin_wait2() and one.fin_wait2()[0].count == 1500
+        assert fed.ephemeral_used() == one.ephemeral_used() >= 500  # ports reused per address
+        assert fed.first_seen == one.first_seen and len(one.first_seen) == 3000
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()

@@ -203,6 +203,15 @@ def test_holders_of(two_ns):
     assert holders_of(iter([9999]), proc) == {9999: [Holder(200, "other", 3)]}
 
 
+def test_holders_of_without_fds_shares_one_holder_per_process(two_ns):
+    proc, _ = two_ns
+    found = holders_of([9204, 9208, 8888, 9999], proc, fds=False)
+    server, worker, other = Holder(100, "server", None), Holder(101, "worker", None), Holder(
+        200, "other", None)
+    assert found == {9204: (server, worker), 9208: (server,), 8888: (other,), 9999: (other,)}
+    assert found[8888] is found[9999]  # the same tuple: no memory per socket but its key
+
+
 def test_holders_of_never_looks_up_inode_0(tmp_path):
     proc = make_proc(tmp_path / "proc", {5: {"comm": "x", "fds": {3: "socket:[0]"}}})
     assert holders_of([0], proc) == {}

@@ -195,11 +195,32 @@ def test_port_risk_and_fin_wait2_from_entries():
     e = [Entry(NETNS, 4, "10.0.0.1", 40000 + i, "10.0.0.60", 5432, state=st)
          for i, st in enumerate([1] * 5 + [8] * 3 + [6] * 2 + [5])]
     e.append(Entry(NETNS, 4, "10.0.0.1", 5432, "0.0.0.0", 0, state=10, inode=5))
-    (risk,) = hostinfo.port_risk(e, (40000, 40011), {40011})
+    tally = hostinfo.HostTally((40000, 40011), {hostinfo.seen_key(e[10]): 100.0}, 160.0)
+    kept = tally.take(e[:6]) + tally.take(e[6:])  # batches add up
+    assert kept == [*e[5:8], e[11]]  # CLOSE_WAIT and LISTEN only
+    (risk,) = tally.port_risk({40011})
     assert (risk.held, risk.usable, risk.level) == (11, 11, "critical")
-    (peer,) = hostinfo.fin_wait2_by_peer(e, {hostinfo.seen_key(e[10]): 100.0}, 160.0)
+    (peer,) = tally.fin_wait2()
     assert (peer.remote, peer.count, peer.oldest_s) == ("10.0.0.60:5432", 1, 60.0)
-    assert hostinfo.ephemeral_in_use(e, (40000, 40011)) == 11
+    assert tally.ephemeral_used() == 11
+    assert tally.state_names() == {"ESTABLISHED": 5, "FIN_WAIT2": 1, "TIME_WAIT": 2,
+                                   "CLOSE_WAIT": 3, "LISTEN": 1}
+    # first sightings carried over for FIN_WAIT2 and CLOSE_WAIT only, new ones from now
+    assert sorted(tally.first_seen.values()) == [100.0, 160.0, 160.0, 160.0]
+
+
+def test_tally_merges_one_endpoint_written_two_ways():
+    """IPv4 and v4-mapped IPv6 sockets to one peer: one port-risk row, one FIN_WAIT2 row,
+    each port counted once."""
+    e = [Entry(NETNS, 4, "10.0.0.1", 40000, "10.0.0.60", 5432, state=5),
+         Entry(NETNS, 6, "::ffff:10.0.0.1", 40001, "::ffff:10.0.0.60", 5432, state=5),
+         Entry(NETNS, 6, "::ffff:10.0.0.1", 40000, "::ffff:10.0.0.60", 5432, state=1)]
+    tally = hostinfo.HostTally((40000, 40011), {}, 10.0)
+    tally.take(e)
+    (risk,) = tally.port_risk(set())
+    assert (risk.laddr, risk.remote, risk.held) == ("10.0.0.1", "10.0.0.60:5432", 2)
+    (peer,) = tally.fin_wait2()
+    assert (peer.remote, peer.count, peer.oldest_s) == ("10.0.0.60:5432", 2, 0.0)
 
 
 # ------------------------------------------------------------------------- collectors
@@ -458,9 +479,9 @@ def test_help_and_json_needs_once():
 
 
 def test_once_json_in_forced_snapshot_mode(monkeypatch):
-    monkeypatch.setattr(collect.procnet, "snapshot", lambda: [
-        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=3, inode=11)])
-    monkeypatch.setattr(collect.procnet, "holders_of", lambda inodes: {})
+    monkeypatch.setattr(collect.procnet, "snapshot", lambda each: each([
+        Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=3, inode=11)]))
+    monkeypatch.setattr(collect.procnet, "holders_of", lambda inodes, fds=True: {})
     res = CliRunner().invoke(command.top, ["--snapshot", "--once", "--interval", "0.1",
                                            "--format", "json", "--by", "port"])
     assert res.exit_code == 0, res.output

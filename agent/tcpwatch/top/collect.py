@@ -16,6 +16,8 @@ for a `model.Sample` when a frame is due (`sample`). Neither imports rich.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import select
 import socket
@@ -23,14 +25,14 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
 from tcpwatch import procnet, schema
 from tcpwatch.aggregate import outcome_name
 from tcpwatch.classify import Causes, ended_cause, stuck_cause
-from tcpwatch.procnet import TcpEntry, canonical
+from tcpwatch.procnet import Each, TcpEntry, canonical
 from tcpwatch.timefmt import rfc3339
 from tcpwatch.top import hostinfo
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, SockRef
@@ -40,7 +42,7 @@ _C = schema.layout().consts
 _KIND_STATE = _C["TW_KIND_STATE"]
 _F_OWNER, _F_OWNER_LISTENER = _C["TW_F_OWNER"], _C["TW_F_OWNER_LISTENER"]
 _F_ACTOR, _F_EOF_READ, _F_CW_UNKNOWN = _C["TW_F_ACTOR"], _C["TW_F_EOF_READ"], _C["TW_F_CW_UNKNOWN"]
-Snapshot = Callable[[], list]  # procnet.snapshot()
+Snapshot = Callable[[], list]  # a test's table, in place of procnet.snapshot()
 HoldersOf = Callable[[Iterable[int]], dict]  # procnet.holders_of()
 
 
@@ -57,25 +59,63 @@ def _exit_unpacker() -> Callable[[bytes], tuple]:
     return unpack
 
 
+class _ProcIndex:
+    """The /proc CLOSE_WAIT entries by 4-tuple, for finding tracked sockets among them.
+
+    Keyed by the address texts as given: sock_diag and the kernel map both spell an address
+    with inet_ntop for the socket's own family, so they agree without canonical() per socket.
+    A miss is looked up again by canonical 4-tuple (an index built on the first miss), so an
+    IPv4 key still finds a dual-stack socket listed as ::ffff:a.b.c.d and vice versa. One
+    4-tuple may be in several namespaces: the socket's own netns decides (0: the first).
+    """
+
+    def __init__(self, cw: list[TcpEntry]) -> None:
+        self._exact: dict[tuple, TcpEntry] = {}
+        self._more: dict[tuple, list[TcpEntry]] = {}  # keys held by more than one entry
+        self._cw = cw
+        self._canonical: dict[tuple, list[TcpEntry]] | None = None
+        exact, more = self._exact, self._more
+        for e in cw:
+            key = (e[2], e[3], e[4], e[5])
+            first = exact.setdefault(key, e)
+            if first is not e:
+                more.setdefault(key, [first]).append(e)
+
+    def find(self, tup: tuple, netns: int) -> TcpEntry | None:
+        """The entry of a tracked socket: tup (family, laddr, lport, raddr, rport)."""
+        key = tup[1:]
+        e = self._exact.get(key)
+        if e is not None:
+            if key not in self._more:
+                return e if not netns or netns == e.netns else None
+            return self._pick(self._more[key], netns)
+        if self._canonical is None:
+            self._canonical = {}
+            for c in self._cw:
+                self._canonical.setdefault(_tuple4(c[2], c[3], c[4], c[5]), []).append(c)
+        return self._pick(self._canonical.get(_tuple4(*key), ()), netns)
+
+    @staticmethod
+    def _pick(cands: Iterable[TcpEntry], netns: int) -> TcpEntry | None:
+        return next((e for e in cands if not netns or netns == e.netns), None)
+
+
 def _tuple4(laddr: str, lport: int, raddr: str, rport: int) -> tuple:
     return (canonical(laddr), lport, canonical(raddr), rport)
 
 
-def _close_wait_by_tuple(cw: Iterable[TcpEntry], keys: set[tuple]) -> dict[tuple, list]:
-    """The CLOSE_WAIT entries whose (laddr, lport, raddr, rport) is one of `keys`, by it; one
-    key may hold several (the same 4-tuple in different network namespaces). Only the keys
-    asked for: with 100,000 sockets pre-existing and none tracked, nothing is indexed."""
-    out: dict[tuple, list[TcpEntry]] = {}
-    if keys:
-        for e in cw:
-            key = _tuple4(e.laddr, e.lport, e.raddr, e.rport)
-            if key in keys:
-                out.setdefault(key, []).append(e)
-    return out
-
-
-def _keys_of(tracked: list) -> set[tuple]:
-    return {_tuple4(s.tuple[1], s.tuple[2], s.tuple[3], s.tuple[4]) for s in tracked}
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a frame is built: a frame makes 100,000s of
+    acyclic objects, and each full collection would walk all of them (seen: 1-2 s of a
+    4.5 s frame with 100,000 sockets). Collections resume afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def listener_inodes(entries: Iterable[TcpEntry]) -> dict[tuple[int, int, str], int]:
@@ -161,8 +201,11 @@ class _HostView:
         self.window_s = window_s
         self.ports = set(ports)
         # Looked up at call time (not bound as defaults) so tests can replace procnet's.
-        self._snapshot = snapshot or (lambda: procnet.snapshot())
-        self._holders_of = holders_of or (lambda inodes: procnet.holders_of(inodes))
+        if snapshot is None:
+            self._snapshot: Callable[[Each], list] = lambda each: procnet.snapshot(each=each)
+        else:  # a test's table: counted in one batch
+            self._snapshot = lambda each: each(snapshot())
+        self._holders_of = holders_of or (lambda inodes: procnet.holders_of(inodes, fds=False))
         self.holders = HolderCache(lambda inodes: self._holders_of(inodes))
         self._cgroups: dict[int | None, str] = {}  # per frame: one /proc lookup per process
         self.clock = clock
@@ -179,33 +222,31 @@ class _HostView:
             cgroup = self._cgroups[pid] = hostinfo.cgroup_of(pid)
         return cgroup
 
-    def read(self) -> tuple[list[TcpEntry], float]:
+    def read(self) -> tuple[list[TcpEntry], hostinfo.HostTally]:
+        """The CLOSE_WAIT and LISTEN sockets of every namespace, and the tally of all of them
+        (its now_s: when the snapshot began)."""
         self._cgroups.clear()
-        entries = self._snapshot()
-        now_s = self.clock() / 1e9
-        first = self.first_seen.get
-        watched = (CLOSE_WAIT, hostinfo.FIN_WAIT2)
-        key = hostinfo.seen_key
-        self.first_seen = {k: first(k, now_s) for k in
-                           [key(e) for e in entries if e[6] in watched]}
+        tally = hostinfo.HostTally(hostinfo.read_port_range(), self.first_seen,
+                                   self.clock() / 1e9)
+        entries = self._snapshot(tally.take)
+        self.first_seen = tally.first_seen
         if self.started_s is None:
-            self.started_s = now_s
-        return entries, now_s
+            self.started_s = tally.now_s
+        return entries, tally
 
     def span(self, now_s: float) -> float:
         """The window actually covered: `window_s`, or less while top has run for less.
         (`--once` collects for one interval: its window is exactly that collection.)"""
         return min(self.window_s, now_s - (self.started_s or now_s))
 
-    def host(self, entries: list[TcpEntry], now_s: float, **extra: Any) -> Host:
-        port_range = hostinfo.read_port_range()
+    def host(self, tally: hostinfo.HostTally, **extra: Any) -> Host:
         return Host(
             hostname=self.hostname,
-            states=hostinfo.state_counts(entries),
-            ephemeral_used=hostinfo.ephemeral_in_use(entries, port_range),
-            port_range=port_range,
-            fin_wait2=hostinfo.fin_wait2_by_peer(entries, self.first_seen, now_s),
-            port_risk=hostinfo.port_risk(entries, port_range, hostinfo.read_reserved_ports()),
+            states=tally.state_names(),
+            ephemeral_used=tally.ephemeral_used(),
+            port_range=tally.port_range,
+            fin_wait2=tally.fin_wait2(),
+            port_risk=tally.port_risk(hostinfo.read_reserved_ports()),
             **extra,
         )
 
@@ -217,7 +258,7 @@ class _HostView:
         leaked: age >= leak_after_s (never when None: the caller knows no better).
         """
         first = self.first_seen.get
-        cgroup_of, seen_key = self.cgroup_of, hostinfo.seen_key
+        cgroups, cgroup_of = self._cgroups, self.cgroup_of
         # Without a kernel owner the cause depends only on inode 0 and rx_queue: one
         # stuck_cause() call per distinct pair, not per socket.
         causes: dict[tuple[bool, int], str] = {}
@@ -225,7 +266,7 @@ class _HostView:
         never = leak_after_s is None
         append = out.append
         for e in entries:
-            _, _, _, lport, raddr, rport, _, _, rx_queue, _, inode = e
+            _, _, _, lport, raddr, rport, state, _, rx_queue, _, inode = e
             # A socket in the accept queue (inode 0) is charged to its listener's holder.
             held = holders.get(inode) if inode else holders.get(listener_of(e, listeners))
             if held:
@@ -236,9 +277,13 @@ class _HostView:
             if cause is None:
                 cause = causes[(inode == 0, rx_queue)] = stuck_cause(
                     inode=inode, rx_queue=rx_queue, holders=None, owner=None, eof_read=False)
-            age = now_s - first(seen_key(e), now_s)
-            append(CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age, 3),
-                          e.unread, cause, not never and age >= leak_after_s))
+            age = now_s - first(hash(e[:6]), now_s)  # hostinfo.seen_key(e)
+            cgroup = cgroups.get(pid)
+            if cgroup is None:
+                cgroup = cgroup_of(pid)
+            unread = rx_queue - 1 if state == CLOSE_WAIT and rx_queue > 0 else rx_queue
+            append(CwSock(pid, comm, cgroup, lport, raddr, rport, round(age, 3), unread, cause,
+                          not never and age >= leak_after_s))
         return out
 
 
@@ -273,8 +318,13 @@ class SnapshotCollector:
         return {}
 
     def sample(self) -> Sample:
+        with _no_gc():
+            return self._sample()
+
+    def _sample(self) -> Sample:
         v = self.view
-        entries, now_s = v.read()
+        entries, tally = v.read()
+        now_s = tally.now_s
         cw = [e for e in entries if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
         listeners = listener_inodes(entries)
         inodes = {e.inode or listener_of(e, listeners) for e in cw}
@@ -293,7 +343,7 @@ class SnapshotCollector:
         span = v.span(now_s)
         _prune(self._entered, now_s - span)
         _prune(self._ended, now_s - span)
-        host = v.host(entries, now_s, hooks=["/proc/net/tcp{,6} snapshots"],
+        host = v.host(tally, hooks=["/proc/net/tcp{,6} snapshots"],
                       signals=["accept queue (/proc inode)", "FIN consumed (/proc rx_queue)",
                                "holders (/proc/*/fd, own processes only)"],
                       warnings=self.warnings)
@@ -350,9 +400,9 @@ class KernelCollector:
         self.warnings = list(warnings)
         self.agg = Aggregator(leak_after_s, mono_to_wall_ns, resolve=None, causes=self.causes,
                               start_mono_ns=clock())
-        # sk -> (pid, comm) of the socket's group at its last sighting, so an exit is counted
+        # sk -> the CwSock it was last shown as (its group), so an exit is counted
         # under the process that held it, not only the owner the kernel last saw.
-        self._who: dict[int, tuple[int | None, str | None]] = {}
+        self._who: dict[int, CwSock] = {}
         self._entered: deque[tuple[float, int, Entered]] = deque()
         # (entry time, sk, its Ended): the exit's own object stands for its entry (one object
         # per exit instead of two: a churn makes tens of thousands a second).
@@ -371,8 +421,8 @@ class KernelCollector:
         if self.cw_map:
             return
         v = self.view
-        entries = [e for e in v._snapshot()
-                   if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
+        entries = v._snapshot(lambda batch: [
+            e for e in batch if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)])
         holders = v._holders_of({e.inode for e in entries if e.inode})
         self.agg.seed_existing(entries, holders, v.clock())
 
@@ -401,7 +451,8 @@ class KernelCollector:
     def _on_exit(self, ev: dict, rec: dict) -> None:
         if not self.view.wanted(ev["lport"], ev["rport"]):
             return
-        pid, comm = self._who.pop(ev["sk"], (rec["pid"], rec["comm"]))
+        now = self._who.pop(ev["sk"], None)
+        pid, comm = (now.pid, now.comm) if now is not None else (rec["pid"], rec["comm"])
         self._ended.append((ev["ts_ns"] / 1e9, ev["sk"], Ended(
             pid, comm, self.view.cgroup_of(pid), ev["lport"], ev["raddr"], ev["rport"],
             rec["duration_s"], rec["cause"])))
@@ -430,14 +481,15 @@ class KernelCollector:
                 continue
             ts_s = ts / 1e9
             duration = None if flags & _F_CW_UNKNOWN else round(cw_ns / 1e9, 6)
-            who = who_of(sk, None)
-            if who is None:
-                if flags & (_F_OWNER | _F_OWNER_LISTENER):
-                    who = (pid, comm_text(comm))
-                elif flags & _F_ACTOR:
-                    who = (apid, comm_text(acomm))
-                else:
-                    who = (None, None)
+            now = who_of(sk, None)  # the CwSock it was shown as
+            if now is not None:
+                who = (now.pid, now.comm)
+            elif flags & (_F_OWNER | _F_OWNER_LISTENER):
+                who = (pid, comm_text(comm))
+            elif flags & _F_ACTOR:
+                who = (apid, comm_text(acomm))
+            else:
+                who = (None, None)
             leaked = duration is not None and duration >= leak_after_s
             slow = duration is not None and duration > slow_close_s
             cause = causes.get((outcome, new, leaked, slow))
@@ -491,118 +543,151 @@ class KernelCollector:
 
         v, out = self.view, []
         addr = schema.addr_text
+        known = _F_OWNER | _F_OWNER_LISTENER
+        owners: dict[tuple, Owner] = {}  # one Owner per process, not per socket
+        leak_ns = self.agg.leak_after_ns
         for sk, (ts_ns, _fin, saddr, daddr, pid, tid, netns, family, sport, dport, flags, _pad,
                  comm) in self.source.read_cw():
             if not v.wanted(sport, dport):
                 continue
             owner = None
-            if flags & (_F_OWNER | _F_OWNER_LISTENER):
-                owner = Owner(pid, tid, schema.comm_text(comm),
-                              "socket" if flags & _F_OWNER else "listener")
+            if flags & known:
+                owner = owners.get((pid, tid, comm, flags & known))
+                if owner is None:
+                    owner = owners[(pid, tid, comm, flags & known)] = Owner(
+                        pid, tid, schema.comm_text(comm),
+                        "socket" if flags & _F_OWNER else "listener")
             fam = 6 if family == socket.AF_INET6 else 4
             out.append(CloseWaitSocket(
                 sk, (fam, addr(saddr, family), sport, addr(daddr, family), dport), netns, ts_ns,
-                owner, bool(flags & _F_EOF_READ), now_ns - ts_ns >= self.agg.leak_after_ns,
-                False))
+                owner, bool(flags & _F_EOF_READ), now_ns - ts_ns >= leak_ns, False))
         return out
 
     def counters(self) -> dict[str, int]:
         return self.source.counters()
 
     def sample(self) -> Sample:
+        with _no_gc():
+            return self._sample()
+
+    def _sample(self) -> Sample:
         v = self.view
         now_ns = v.clock()
         if not self.cw_map:
             self.agg.tick(now_ns)
-        entries, now_s = v.read()
-        cw = [e for e in entries if e[6] == CLOSE_WAIT]
+        entries, tally = v.read()
         if self.cw_map:
-            self._on_counted_exits(now_s)
+            self._on_counted_exits(tally.now_s)
             tracked = self._map_tracked(now_ns)
         else:
             tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
-        procs = _close_wait_by_tuple(cw, _keys_of(tracked))
-        if self.cw_map:
-            self._forget_stale(tracked, procs, now_ns)
-        return self._build(entries, cw, procs, now_s, now_ns, tracked)
+        return self._build(entries, tally, now_ns, tracked)
 
-    def _forget_stale(self, tracked: list, procs: dict, now_ns: int) -> None:
-        """Map entries whose socket /proc no longer shows in CLOSE_WAIT: their exit was never
-        seen (a transition the kernel skipped our program for). Only those older than a
-        second: a younger one may have entered after /proc was read."""
-        stale = [s for s in tracked if now_ns - s.since_ns > 1_000_000_000
-                 and _tuple4(s.tuple[1], s.tuple[2], s.tuple[3], s.tuple[4]) not in procs]
-        if stale:
-            self.source.forget_cw([s.sk for s in stale])
-            gone = {id(s) for s in stale}
-            tracked[:] = [s for s in tracked if id(s) not in gone]
+    def _match(self, tracked: list, cw: list[TcpEntry], now_ns: int
+               ) -> tuple[list[tuple], list[TcpEntry]]:
+        """Each tracked socket with its /proc entry (None if not found), and the /proc
+        CLOSE_WAIT entries no tracked socket has.
 
-    def _build(self, entries: list[TcpEntry], cw: list[TcpEntry], procs: dict, now_s: float,
-               now_ns: int, tracked: list) -> Sample:
-        """cw: the CLOSE_WAIT entries; procs: _close_wait_by_tuple(cw, the tracked keys)."""
-        v = self.view
-        matched = {}
+        With the cw map, an entry older than a second whose socket /proc no longer shows
+        in CLOSE_WAIT is forgotten: its exit was never seen (a transition the kernel skipped
+        our program for). A younger one may have entered after /proc was read."""
+        index = _ProcIndex(cw)
+        pairs, stale, used = [], [], set()
+        old_ns = now_ns - 1_000_000_000
+        find, cw_map = index.find, self.cw_map
         for s in tracked:
-            fam, la, lp, ra, rp = s.tuple
-            cands = [e for e in procs.get(_tuple4(la, lp, ra, rp), ())
-                     if not s.netns or s.netns == e.netns]
-            matched[id(s)] = cands[0] if cands else None
-        used = {id(e) for e in matched.values() if e is not None}
+            e = find(s.tuple, s.netns)
+            if e is None:
+                if cw_map and s.since_ns < old_ns:
+                    stale.append(s.sk)
+                    continue
+            else:
+                used.add(id(e))
+            pairs.append((s, e))
+        if stale:
+            self.source.forget_cw(stale)
+        wanted = self.view.wanted
         # In CLOSE_WAIT per /proc but not tracked: its entry event is not drained yet, or was
         # lost. Shown anyway (first-sight age, /proc-only cause) so counts agree with `ss`.
-        untracked = [e for e in cw if id(e) not in used and v.wanted(e.lport, e.rport)]
+        return pairs, [e for e in cw if id(e) not in used and wanted(e.lport, e.rport)]
+
+    def _build(self, entries: list[TcpEntry], tally: hostinfo.HostTally, now_ns: int,
+               tracked: list) -> Sample:
+        """entries: the CLOSE_WAIT and LISTEN sockets of the snapshot."""
+        v = self.view
+        now_s = tally.now_s
+        pairs, untracked = self._match(tracked, [e for e in entries if e[6] == CLOSE_WAIT],
+                                       now_ns)
         listeners = listener_inodes(entries)
-        inodes = {e.inode or listener_of(e, listeners)
-                  for e in [*matched.values(), *untracked] if e is not None}
+        inodes = {e.inode or listener_of(e, listeners) for _, e in pairs if e is not None}
+        inodes.update(e.inode or listener_of(e, listeners) for e in untracked)
         holders = v.holders.get(inodes - {0})
 
-        sockets = []
-        who = {}
-        for s in tracked:
-            e = matched[id(s)]
-            held = holders.get(e.inode, []) if e is not None and e.inode else []
-            owner = (s.owner.pid, s.owner.comm, s.owner.how) if s.owner else None
-            eof_read = s.eof_read
-            cause = stuck_cause(
-                inode=e.inode if e else None, rx_queue=e.rx_queue if e else None,
-                holders=[h.pid for h in held] if e else None,
-                owner=(owner[0], owner[2]) if owner else None,
-                eof_read=eof_read, recv_eof=self.causes.recv_eof,
-            )
-            if e is not None and not e.inode:  # accept queue: the listener's holder
-                held = holders.get(listener_of(e, listeners), [])
+        span = v.span(now_s)
+        window_ns = (now_s - span) * 1e9 if self.cw_map else float("inf")
+        sockets, fresh, who = [], [], {}
+        # The cause depends on a handful of facts, the same for most sockets of a process:
+        # stuck_cause() once per distinct set of them.
+        causes: dict[tuple, str] = {}
+        recv_eof, leak_ns = self.causes.recv_eof, self.agg.leak_after_ns
+        cgroups, cgroup_of = v._cgroups, v.cgroup_of
+        for s, e in pairs:
+            owner = s.owner
+            if e is None:
+                inode = rx_queue = unread = None
+                held: Sequence = ()
+            else:
+                inode, rx_queue = e[10], e[8]
+                unread = rx_queue - 1 if rx_queue > 0 else rx_queue  # the FIN is not data
+                held = holders.get(inode, ()) if inode else ()
+            seen = (owner.pid, owner.how) if owner is not None else None
+            key = (e is None, inode == 0, rx_queue,
+                   held if held.__class__ is tuple else tuple(held), seen, s.eof_read)
+            cause = causes.get(key)
+            if cause is None:
+                cause = causes[key] = stuck_cause(
+                    inode=inode, rx_queue=rx_queue,
+                    holders=None if e is None else [h.pid for h in held], owner=seen,
+                    eof_read=s.eof_read, recv_eof=recv_eof)
+            if inode == 0:  # accept queue: the listener's holder
+                held = holders.get(listener_of(e, listeners), ())
             if held:
                 pid, comm = held[0].pid, held[0].comm
             elif owner is not None:
-                pid, comm = owner[0], owner[1]
+                pid, comm = owner.pid, owner.comm
             else:
-                pid, comm = None, None
+                pid = comm = None
+            cgroup = cgroups.get(pid)
+            if cgroup is None:
+                cgroup = cgroup_of(pid)
+            age_ns = now_ns - s.since_ns
+            _, _, lport, raddr, rport = s.tuple
+            sock = CwSock(pid, comm, cgroup, lport, raddr, rport, round(age_ns / 1e9, 3),
+                          unread, cause, age_ns >= leak_ns)
+            sockets.append(sock)
             if s.sk is not None:
-                who[s.sk] = (pid, comm)
-            age = (now_ns - s.since_ns) / 1e9
-            sockets.append(CwSock(pid, comm, v.cgroup_of(pid), s.tuple[2], s.tuple[3],
-                                  s.tuple[4], round(age, 3), e.unread if e else None, cause,
-                                  age >= self.agg.leak_after_ns / 1e9))
+                who[s.sk] = sock
+            if s.since_ns >= window_ns:
+                fresh.append(sock)  # entered in the window: the socket stands for its entry
         sockets.extend(v.cw_socks(untracked, holders, now_s, listeners))
         self._who = who
 
-        span = v.span(now_s)
         _prune(self._entered, now_s - span)
         _prune(self._ended, now_s - span)
         gone = {sk: (e.pid, e.comm) for _, sk, e in self._ended if sk}
+        entered: list[SockRef] = []
         if self.cw_map:
             limit = now_s - span
             self._map_entered = [x for x in self._map_entered if x[0] >= limit]
-            fresh = [(s.since_ns / 1e9, s.sk, Entered(None, None, "", s.tuple[2], s.tuple[3],
-                                                      s.tuple[4]))
-                     for s in tracked if s.since_ns / 1e9 >= limit]
-            window_entries = [*self._map_entered, *fresh]
+            window_entries: list = self._map_entered
+            entered.extend(fresh)
         else:
             window_entries = list(self._entered)
-        entered: list[SockRef] = []
         for _, sk, e in window_entries:
             # sk 0: exits the kernel counted (attributed there already)
-            pid, comm = (sk and (who.get(sk) or gone.get(sk))) or (e.pid, e.comm)
+            now = who.get(sk) if sk else None
+            pid, comm = ((now.pid, now.comm) if now is not None
+                         else (sk and gone.get(sk)) or (e.pid, e.comm))
             cgroup = v.cgroup_of(pid)
             if pid == e.pid and comm == e.comm and cgroup == e.cgroup:
                 entered.append(e)  # already attributed so (an exit standing for its entry)
@@ -626,7 +711,7 @@ class KernelCollector:
             # Bounded map: the rest are still counted and shown, from /proc only.
             warnings.append(f"{counts['cw_full']} sockets entered CLOSE_WAIT while the kernel's "
                             "cw map was full: shown from /proc (first-sight age)")
-        host = v.host(entries, now_s, events_per_s=round(rate, 1), lost=lost, hooks=self.hooks,
+        host = v.host(tally, events_per_s=round(rate, 1), lost=lost, hooks=self.hooks,
                       signals=self.causes.signals(), warnings=warnings)
         return Sample(self.mode, span, host, sockets, entered,
                       [e for _, _, e in self._ended], rfc3339(time.time_ns()))

@@ -1,16 +1,8 @@
 """What /proc says about the host, for top's header: state counts, local port ranges, the
 FIN_WAIT2 side of the story, port exhaustion risk, and cgroups of processes.
 
-Pure functions over procnet.TcpEntry lists, plus small readers of /proc files (each takes the
-path so tests can fake it).
-
->>> from tcpwatch.procnet import TcpEntry
->>> e = [TcpEntry(1, 4, "10.0.0.1", 40000 + i, "10.0.0.9", 5432, 1, 0, 0, 0, 9000 + i)
-...      for i in range(3)]
->>> state_counts(e)
-{'ESTABLISHED': 3}
->>> [(r.laddr, r.remote, r.held, r.usable) for r in port_risk(e, (32768, 60999), set())]
-[('10.0.0.1', '10.0.0.9:5432', 3, 28232)]
+HostTally counts procnet.TcpEntry batches in one pass (see its example); small readers of
+/proc files take the path so tests can fake them.
 """
 
 from __future__ import annotations
@@ -25,6 +17,7 @@ from tcpwatch import schema
 from tcpwatch.procnet import TcpEntry, canonical
 
 LISTEN = schema.STATE_NUMBERS["LISTEN"]
+CLOSE_WAIT = schema.CLOSE_WAIT
 FIN_WAIT2 = schema.STATE_NUMBERS["FIN_WAIT2"]
 # Server-side sockets do not take a local port from the range: they share the listener's.
 _NOT_HOLDING = {LISTEN, schema.STATE_NUMBERS["SYN_RECV"], schema.STATE_NUMBERS["NEW_SYN_RECV"]}
@@ -40,14 +33,6 @@ def endpoint(addr: str, port: int) -> str:
     """
     addr = canonical(addr)
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-def state_counts(entries: Iterable[TcpEntry]) -> dict[str, int]:
-    """Sockets per state name, in kernel state order, zero counts left out."""
-    counts: dict[int, int] = {}
-    for e in entries:
-        counts[e.state] = counts.get(e.state, 0) + 1
-    return {schema.state_name(s): counts[s] for s in sorted(counts)}
 
 
 def read_port_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
@@ -85,12 +70,6 @@ def parse_port_list(text: str) -> set[int]:
     return out
 
 
-def ephemeral_in_use(entries: Iterable[TcpEntry], port_range: tuple[int, int]) -> int:
-    """Distinct local ports inside the ephemeral range held by any socket (all namespaces)."""
-    lo, hi = port_range
-    return len({e.lport for e in entries if lo <= e.lport <= hi and e.state not in _NOT_HOLDING})
-
-
 @dataclass(frozen=True)
 class PortRisk:
     """Local ports one (local address -> remote endpoint) pair holds against the usable range.
@@ -116,27 +95,6 @@ class PortRisk:
         return "warn" if self.fraction >= PORT_WARN else "ok"
 
 
-def port_risk(
-    entries: Iterable[TcpEntry], port_range: tuple[int, int], reserved: set[int], top: int = 5
-) -> list[PortRisk]:
-    """The `top` (local address, remote endpoint) pairs holding most local ports in the range.
-
-    Counts sockets in every state that keeps its local port (ESTABLISHED, CLOSE_WAIT,
-    TIME_WAIT, FIN_WAIT*, LAST_ACK, CLOSING, SYN_SENT), not listeners nor server-side children.
-    """
-    lo, hi = port_range
-    usable = (hi - lo + 1) - len({p for p in reserved if lo <= p <= hi})
-    held: dict[tuple[int, str, str], set[int]] = {}
-    for e in entries:
-        if e.state in _NOT_HOLDING or not lo <= e.lport <= hi:
-            continue
-        key = (e.netns, canonical(e.laddr), endpoint(e.raddr, e.rport))
-        held.setdefault(key, set()).add(e.lport)
-    rows = [PortRisk(la, remote, len(ports), usable) for (_, la, remote), ports in held.items()]
-    rows.sort(key=lambda r: (-r.held, r.laddr, r.remote))
-    return rows[:top]
-
-
 @dataclass(frozen=True)
 class PeerWait:
     """Local sockets in FIN_WAIT2 towards one remote endpoint: the peer has not closed its
@@ -156,21 +114,120 @@ def seen_key(e: TcpEntry) -> int:
     return hash(e[:6])
 
 
-def fin_wait2_by_peer(
-    entries: Iterable[TcpEntry], first_seen: dict[int, float], now_s: float, top: int = 5
-) -> list[PeerWait]:
-    """FIN_WAIT2 sockets per remote endpoint, most first. first_seen: seen_key() -> time."""
-    groups: dict[str, list[float]] = {}
-    for e in entries:
-        if e.state == FIN_WAIT2:
-            age = now_s - first_seen.get(seen_key(e), now_s)
-            groups.setdefault(endpoint(e.raddr, e.rport), []).append(age)
-    rows = [PeerWait(r, len(ages), round(max(ages), 3)) for r, ages in groups.items()]
-    rows.sort(key=lambda r: (-r.count, -r.oldest_s, r.remote))
-    return rows[:top]
-
-
 _CONTAINER = re.compile(r"([0-9a-f]{64})")
+
+
+class HostTally:
+    """Host-wide figures from one pass over a snapshot, fed a batch at a time.
+
+    take() counts each entry (states, ephemeral ports, ports per remote endpoint, FIN_WAIT2
+    per peer, first sightings) and returns only the ones top needs whole afterwards:
+    CLOSE_WAIT and LISTEN. procnet.snapshot(each=tally.take) drops the rest batch by batch,
+    so 100,000s of FIN_WAIT2 or TIME_WAIT sockets never sit in memory at once.
+
+    first_seen: the previous frame's seen_key() -> first sight (monotonic seconds); the
+    tally's own `first_seen` has the CLOSE_WAIT and FIN_WAIT2 sockets of this one.
+
+    >>> from tcpwatch.procnet import TcpEntry
+    >>> t = HostTally((32768, 60999), {}, 0.0)
+    >>> t.take([TcpEntry(1, 4, "10.0.0.1", 40000 + i, "10.0.0.9", 5432, 1, 0, 0, 0, 9000 + i)
+    ...         for i in range(3)])
+    []
+    >>> t.state_names(), t.ephemeral_used()
+    ({'ESTABLISHED': 3}, 3)
+    >>> [(r.laddr, r.remote, r.held, r.usable) for r in t.port_risk(set())]
+    [('10.0.0.1', '10.0.0.9:5432', 3, 28232)]
+    """
+
+    def __init__(self, port_range: tuple[int, int], first_seen: dict[int, float],
+                 now_s: float) -> None:
+        self.port_range = port_range
+        self.now_s = now_s
+        self.states: dict[int, int] = {}
+        self.first_seen: dict[int, float] = {}
+        self._before = first_seen.get
+        self._ports: set[int] = set()  # local ports in the range, any namespace
+        # (netns, laddr, raddr, rport) -> local ports in the range: merged per canonical
+        # address and endpoint text at the end (few keys; formatting per socket is not free)
+        self._held: dict[tuple, set[int]] = {}
+        self._fin_wait2: dict[tuple[str, int], list] = {}  # (raddr, rport) -> [count, first]
+
+    def take(self, entries: Iterable[TcpEntry]) -> list[TcpEntry]:
+        """Count `entries`; return those in CLOSE_WAIT or LISTEN."""
+        lo, hi = self.port_range
+        states, seen, before, now = self.states, self.first_seen, self._before, self.now_s
+        ports, held, fw2 = self._ports, self._held, self._fin_wait2
+        not_holding = _NOT_HOLDING
+        keep: list[TcpEntry] = []
+        for e in entries:
+            netns, _, laddr, lport, raddr, rport, state, _, _, _, _ = e
+            states[state] = states.get(state, 0) + 1
+            if state in (CLOSE_WAIT, FIN_WAIT2):
+                key = hash(e[:6])  # seen_key(e), inline: once per socket per frame
+                first = seen[key] = before(key, now)
+                if state == CLOSE_WAIT:
+                    keep.append(e)
+                else:
+                    peer = fw2.get((raddr, rport))
+                    if peer is None:
+                        fw2[(raddr, rport)] = [1, first]
+                    else:
+                        peer[0] += 1
+                        if first < peer[1]:
+                            peer[1] = first
+            elif state == LISTEN:
+                keep.append(e)
+            if lo <= lport <= hi and state not in not_holding:
+                ports.add(lport)
+                group = held.get((netns, laddr, raddr, rport))
+                if group is None:
+                    held[(netns, laddr, raddr, rport)] = {lport}
+                else:
+                    group.add(lport)
+        return keep
+
+    def state_names(self) -> dict[str, int]:
+        """Sockets per state name, in kernel state order, zero counts left out."""
+        return {schema.state_name(s): self.states[s] for s in sorted(self.states)}
+
+    def ephemeral_used(self) -> int:
+        """Distinct local ports inside the ephemeral range held by any socket (all
+        namespaces); server-side sockets share their listener's port and do not count."""
+        return len(self._ports)
+
+    def port_risk(self, reserved: set[int], top: int = 5) -> list[PortRisk]:
+        """The `top` (local address, remote endpoint) pairs holding most local ports in the
+        range, against the usable range (its size less reserved ports).
+
+        Counts sockets in every state that keeps its local port (ESTABLISHED, CLOSE_WAIT,
+        TIME_WAIT, FIN_WAIT*, LAST_ACK, CLOSING, SYN_SENT), not listeners nor server-side
+        children.
+        """
+        lo, hi = self.port_range
+        usable = (hi - lo + 1) - len({p for p in reserved if lo <= p <= hi})
+        merged: dict[tuple[int, str, str], set[int]] = {}
+        for (netns, laddr, raddr, rport), ports in self._held.items():
+            key = (netns, canonical(laddr), endpoint(raddr, rport))
+            if key in merged:
+                merged[key] = merged[key] | ports
+            else:
+                merged[key] = ports
+        rows = [PortRisk(la, remote, len(ports), usable)
+                for (_, la, remote), ports in merged.items()]
+        rows.sort(key=lambda r: (-r.held, r.laddr, r.remote))
+        return rows[:top]
+
+    def fin_wait2(self, top: int = 5) -> list[PeerWait]:
+        """FIN_WAIT2 sockets per remote endpoint, most first; ages from first sight."""
+        groups: dict[str, list] = {}
+        for (raddr, rport), (count, first) in self._fin_wait2.items():
+            group = groups.setdefault(endpoint(raddr, rport), [0, first])
+            group[0] += count
+            group[1] = min(group[1], first)
+        rows = [PeerWait(r, n, round(self.now_s - first, 3))
+                for r, (n, first) in groups.items()]
+        rows.sort(key=lambda r: (-r.count, -r.oldest_s, r.remote))
+        return rows[:top]
 
 
 def cgroup_label(text: str) -> str:

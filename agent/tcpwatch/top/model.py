@@ -53,6 +53,9 @@ class CwSock(SockRef):
     cause: str
     leaked: bool
 
+    # One socket: a CwSock that entered during the window stands for its own entry.
+    count = 1
+
 
 @dataclass(slots=True)
 class Entered(SockRef):
