@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -600,17 +601,19 @@ class KernelSource:
         return [(k, count, hist) for k, (count, hist) in zip(
             kl.struct.iter_unpack(keys), vl.struct.iter_unpack(values))]
 
-    def read_cw(self) -> list[tuple[int, tuple]]:
-        """The `cw` map (Options.cw_map): [(sk, values of struct tw_cw in header order)].
+    def read_cw(self) -> Iterator[tuple[int, tuple]]:
+        """The `cw` map (Options.cw_map): (sk, values of struct tw_cw in header order), one
+        entry at a time from the raw bytes (100,000 decoded at once would take ~50 MB).
 
-        Read in batches of raw bytes (BPF_MAP_LOOKUP_BATCH, 5.6+) and unpacked with one
+        Read in batches of raw bytes (BPF_MAP_LOOKUP_BATCH, 5.6+) and unpacked with
         struct.iter_unpack: 100,000 sockets cost tens of milliseconds, not one syscall and one
         ctypes object each. Falls back to bcc's per-key iteration on older kernels.
         """
         lay = schema.layout_of("tw_cw")
-        keys, values = _map_bytes(self.bpf["cw"], 8, lay.size)
-        sks = [k for (k,) in struct.iter_unpack("=Q", keys)]
-        return list(zip(sks, lay.struct.iter_unpack(values)))
+        for keys, values in _map_chunks(self.bpf["cw"], 8, lay.size):
+            for (sk,), value in zip(struct.iter_unpack("=Q", keys),
+                                    lay.struct.iter_unpack(values)):
+                yield sk, value
 
     def forget_cw(self, sks: list[int]) -> None:
         """Drop entries userspace found stale (the socket is no longer in CLOSE_WAIT: its exit
@@ -674,23 +677,35 @@ _BATCH = 8192
 
 
 def _map_bytes(table, key_size: int, value_size: int) -> tuple[bytes, bytes]:
-    """All keys and values of a bcc hash table as two byte strings: in batches where the
-    kernel has BPF_MAP_LOOKUP_BATCH (5.6+), else through bcc's per-key iteration."""
+    """All keys and values of a bcc hash table as two byte strings (see _map_chunks)."""
+    chunks = list(_map_chunks(table, key_size, value_size))
+    return b"".join(k for k, _ in chunks), b"".join(v for _, v in chunks)
+
+
+def _map_chunks(table, key_size: int, value_size: int) -> Iterator[tuple[bytes, bytes]]:
+    """The keys and values of a bcc hash table as byte strings, a chunk at a time: in
+    batches where the kernel has BPF_MAP_LOOKUP_BATCH (5.6+), else in one chunk through
+    bcc's per-key iteration (also if a batch fails before any was given)."""
+    given = False
     try:
-        return _lookup_batch(table.map_fd, key_size, value_size)
+        for chunk in _lookup_batch(table.map_fd, key_size, value_size):
+            given = True
+            yield chunk
     except OSError:
+        if given:
+            raise
         pairs = list(table.items())
-        return b"".join(bytes(k) for k, _ in pairs), b"".join(bytes(v) for _, v in pairs)
+        yield b"".join(bytes(k) for k, _ in pairs), b"".join(bytes(v) for _, v in pairs)
 
 
-def _lookup_batch(map_fd: int, key_size: int, value_size: int) -> tuple[bytes, bytes]:
-    """All keys and values of a hash map as two byte strings, _BATCH entries per syscall."""
+def _lookup_batch(map_fd: int, key_size: int, value_size: int
+                  ) -> Iterator[tuple[bytes, bytes]]:
+    """The keys and values of a hash map, _BATCH entries per syscall and per chunk."""
     from bcc import lib  # loader.py is the one bcc importer; bcc is loaded once open() ran
 
     keys_buf = ctypes.create_string_buffer(key_size * _BATCH)
     vals_buf = ctypes.create_string_buffer(value_size * _BATCH)
     token_in, token_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
-    keys, values = [], []
     first = True
     while True:
         count.value = _BATCH
@@ -699,14 +714,13 @@ def _lookup_batch(map_fd: int, key_size: int, value_size: int) -> tuple[bytes, b
                                    ctypes.byref(count))
         err = ctypes.get_errno()
         n = count.value
-        keys.append(keys_buf.raw[: n * key_size])
-        values.append(vals_buf.raw[: n * value_size])
-        if res != 0:
-            if err in (errno.ENOENT, 0) or abs(res) == errno.ENOENT:
-                break  # the end of the map
+        if res != 0 and not (err in (errno.ENOENT, 0) or abs(res) == errno.ENOENT):
             raise OSError(err or -res, "BPF_MAP_LOOKUP_BATCH failed")
+        if n:
+            yield keys_buf.raw[: n * key_size], vals_buf.raw[: n * value_size]
+        if res != 0:
+            break  # the end of the map
         token_in.value, first = token_out.value, False
-    return b"".join(keys), b"".join(values)
 
 
 @dataclass

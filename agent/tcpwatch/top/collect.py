@@ -537,18 +537,19 @@ class KernelCollector:
                 self._ended.append((now_s, 0, ended))
                 self._map_entered.append((now_s - duration, 0, ended))
 
-    def _map_tracked(self, now_ns: int) -> list:
-        """The sockets in CLOSE_WAIT per the kernel's `cw` map, as Aggregator snapshots."""
-        from tcpwatch.aggregate import CloseWaitSocket, Owner
+    def _map_tracked(self) -> Iterator[tuple]:
+        """The sockets in CLOSE_WAIT per the kernel's `cw` map, one at a time (100,000 are
+        never all decoded at once): (sk, (family, laddr, lport, raddr, rport), netns,
+        since_ns, owner, eof_read)."""
+        from tcpwatch.aggregate import Owner
 
-        v, out = self.view, []
+        wanted = self.view.wanted
         addr = schema.addr_text
         known = _F_OWNER | _F_OWNER_LISTENER
         owners: dict[tuple, Owner] = {}  # one Owner per process, not per socket
-        leak_ns = self.agg.leak_after_ns
         for sk, (ts_ns, _fin, saddr, daddr, pid, tid, netns, family, sport, dport, flags, _pad,
                  comm) in self.source.read_cw():
-            if not v.wanted(sport, dport):
+            if not wanted(sport, dport):
                 continue
             owner = None
             if flags & known:
@@ -558,10 +559,15 @@ class KernelCollector:
                         pid, tid, schema.comm_text(comm),
                         "socket" if flags & _F_OWNER else "listener")
             fam = 6 if family == socket.AF_INET6 else 4
-            out.append(CloseWaitSocket(
-                sk, (fam, addr(saddr, family), sport, addr(daddr, family), dport), netns, ts_ns,
-                owner, bool(flags & _F_EOF_READ), now_ns - ts_ns >= leak_ns, False))
-        return out
+            yield (sk, (fam, addr(saddr, family), sport, addr(daddr, family), dport), netns,
+                   ts_ns, owner, bool(flags & _F_EOF_READ))
+
+    def _agg_tracked(self) -> Iterator[tuple]:
+        """The aggregator's sockets in CLOSE_WAIT (no cw map), as _map_tracked() gives them."""
+        wanted = self.view.wanted
+        for s in self.agg.in_close_wait():
+            if wanted(s.tuple[2], s.tuple[4]):
+                yield s.sk, s.tuple, s.netns, s.since_ns, s.owner, s.eof_read
 
     def counters(self) -> dict[str, int]:
         return self.source.counters()
@@ -578,50 +584,27 @@ class KernelCollector:
         entries, tally = v.read()
         if self.cw_map:
             self._on_counted_exits(tally.now_s)
-            tracked = self._map_tracked(now_ns)
-        else:
-            tracked = [s for s in self.agg.in_close_wait() if v.wanted(s.tuple[2], s.tuple[4])]
-        return self._build(entries, tally, now_ns, tracked)
+        return self._build(entries, tally, now_ns)
 
-    def _match(self, tracked: list, cw: list[TcpEntry], now_ns: int
-               ) -> tuple[list[tuple], list[TcpEntry]]:
-        """Each tracked socket with its /proc entry (None if not found), and the /proc
-        CLOSE_WAIT entries no tracked socket has.
+    def _build(self, entries: list[TcpEntry], tally: hostinfo.HostTally, now_ns: int
+               ) -> Sample:
+        """entries: the CLOSE_WAIT and LISTEN sockets of the snapshot.
 
-        With the cw map, an entry older than a second whose socket /proc no longer shows
-        in CLOSE_WAIT is forgotten: its exit was never seen (a transition the kernel skipped
-        our program for). A younger one may have entered after /proc was read."""
-        index = _ProcIndex(cw)
-        pairs, stale, used = [], [], set()
-        old_ns = now_ns - 1_000_000_000
-        find, cw_map = index.find, self.cw_map
-        for s in tracked:
-            e = find(s.tuple, s.netns)
-            if e is None:
-                if cw_map and s.since_ns < old_ns:
-                    stale.append(s.sk)
-                    continue
-            else:
-                used.add(id(e))
-            pairs.append((s, e))
-        if stale:
-            self.source.forget_cw(stale)
-        wanted = self.view.wanted
-        # In CLOSE_WAIT per /proc but not tracked: its entry event is not drained yet, or was
-        # lost. Shown anyway (first-sight age, /proc-only cause) so counts agree with `ss`.
-        return pairs, [e for e in cw if id(e) not in used and wanted(e.lport, e.rport)]
-
-    def _build(self, entries: list[TcpEntry], tally: hostinfo.HostTally, now_ns: int,
-               tracked: list) -> Sample:
-        """entries: the CLOSE_WAIT and LISTEN sockets of the snapshot."""
+        One pass over the tracked sockets finds each one's /proc entry and makes its CwSock.
+        With the cw map, an entry older than a second whose socket /proc no longer shows in
+        CLOSE_WAIT is forgotten: its exit was never seen (a transition the kernel skipped our
+        program for). A younger one may have entered after /proc was read."""
         v = self.view
         now_s = tally.now_s
-        pairs, untracked = self._match(tracked, [e for e in entries if e[6] == CLOSE_WAIT],
-                                       now_ns)
+        wanted = v.wanted
+        cw = [e for e in entries if e[6] == CLOSE_WAIT]
         listeners = listener_inodes(entries)
-        inodes = {e.inode or listener_of(e, listeners) for _, e in pairs if e is not None}
-        inodes.update(e.inode or listener_of(e, listeners) for e in untracked)
-        holders = v.holders.get(inodes - {0})
+        holders = v.holders.get({e.inode or listener_of(e, listeners) for e in cw
+                                 if wanted(e.lport, e.rport)} - {0})
+        find = _ProcIndex(cw).find
+        used: set[int] = set()
+        stale: list[int] = []
+        old_ns = now_ns - 1_000_000_000
 
         span = v.span(now_s)
         window_ns = (now_s - span) * 1e9 if self.cw_map else float("inf")
@@ -631,24 +614,29 @@ class KernelCollector:
         causes: dict[tuple, str] = {}
         recv_eof, leak_ns = self.causes.recv_eof, self.agg.leak_after_ns
         cgroups, cgroup_of = v._cgroups, v.cgroup_of
-        for s, e in pairs:
-            owner = s.owner
+        tracked = self._map_tracked() if self.cw_map else self._agg_tracked()
+        for sk, tup, netns, since_ns, owner, eof_read in tracked:
+            e = find(tup, netns)
             if e is None:
+                if self.cw_map and since_ns < old_ns:
+                    stale.append(sk)
+                    continue
                 inode = rx_queue = unread = None
                 held: Sequence = ()
             else:
+                used.add(id(e))
                 inode, rx_queue = e[10], e[8]
                 unread = rx_queue - 1 if rx_queue > 0 else rx_queue  # the FIN is not data
                 held = holders.get(inode, ()) if inode else ()
             seen = (owner.pid, owner.how) if owner is not None else None
             key = (e is None, inode == 0, rx_queue,
-                   held if held.__class__ is tuple else tuple(held), seen, s.eof_read)
+                   held if held.__class__ is tuple else tuple(held), seen, eof_read)
             cause = causes.get(key)
             if cause is None:
                 cause = causes[key] = stuck_cause(
                     inode=inode, rx_queue=rx_queue,
                     holders=None if e is None else [h.pid for h in held], owner=seen,
-                    eof_read=s.eof_read, recv_eof=recv_eof)
+                    eof_read=eof_read, recv_eof=recv_eof)
             if inode == 0:  # accept queue: the listener's holder
                 held = holders.get(listener_of(e, listeners), ())
             if held:
@@ -660,15 +648,20 @@ class KernelCollector:
             cgroup = cgroups.get(pid)
             if cgroup is None:
                 cgroup = cgroup_of(pid)
-            age_ns = now_ns - s.since_ns
-            _, _, lport, raddr, rport = s.tuple
+            age_ns = now_ns - since_ns
+            _, _, lport, raddr, rport = tup
             sock = CwSock(pid, comm, cgroup, lport, raddr, rport, round(age_ns / 1e9, 3),
                           unread, cause, age_ns >= leak_ns)
             sockets.append(sock)
-            if s.sk is not None:
-                who[s.sk] = sock
-            if s.since_ns >= window_ns:
+            if sk is not None:
+                who[sk] = sock
+            if since_ns >= window_ns:
                 fresh.append(sock)  # entered in the window: the socket stands for its entry
+        if stale:
+            self.source.forget_cw(stale)
+        # In CLOSE_WAIT per /proc but not tracked: its entry event is not drained yet, or was
+        # lost. Shown anyway (first-sight age, /proc-only cause) so counts agree with `ss`.
+        untracked = [e for e in cw if id(e) not in used and wanted(e.lport, e.rport)]
         sockets.extend(v.cw_socks(untracked, holders, now_s, listeners))
         self._who = who
 
