@@ -284,20 +284,23 @@ def run_once(collector, keep, interval: float, fmt: str, by: str, sort: str,
         collector.pump(min(left, 0.1))
     collector.pump(0)
     t0 = time.monotonic()
-    sample = collector.sample()
+    sample = filter_sample(collector.sample(), keep)
+    rows = build_rows(sample, by, sort)
     frame_s = round(time.monotonic() - t0, 3)  # what a live redraw costs on this host
-    print_frame(filter_sample(sample, keep), by, sort, fmt, interval, {"frame_s": frame_s})
+    print_frame(sample, by, sort, fmt, interval, {"frame_s": frame_s}, rows)
 
 
 def print_frame(sample, by: str, sort: str, fmt: str, interval: float | None,
-                json_extra: dict | None = None) -> None:
+                json_extra: dict | None = None, rows: list | None = None) -> None:
     """One frame on stdout: plain text (terminal width, or 100 columns into a pipe) or one
-    JSON object (json_extra overrides some of its fields)."""
+    JSON object (json_extra overrides some of its fields). rows: build_rows(sample, by, sort)
+    if already built."""
     import orjson
 
     from tcpwatch.top import view
 
-    rows = build_rows(sample, by, sort)
+    if rows is None:
+        rows = build_rows(sample, by, sort)
     if fmt == "json":
         frame = view.frame_json(sample, rows, by, sort, interval)
         frame.update(json_extra or {})
