@@ -250,13 +250,10 @@ def dump(sock: socket.socket, family: int, mask: int, netns: int, out: list[TcpE
             raise OSError(errno.EMSGSIZE, f"sock_diag: {n}-byte datagram cut to {len(buf)}")
         if n == 0:
             raise _bad("empty datagram before NLMSG_DONE")
-        if each is None:
-            if parse(view[:n], netns, out, cache):
-                return
-            continue
-        batch: list[TcpEntry] = []
+        batch: list[TcpEntry] = out if each is None else []
         done = parse(view[:n], netns, batch, cache)
-        out.extend(each(batch))
+        if each is not None:
+            out.extend(each(batch))
         if done:
             return
 

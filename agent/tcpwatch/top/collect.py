@@ -258,7 +258,7 @@ class _HostView:
         leaked: age >= leak_after_s (never when None: the caller knows no better).
         """
         first = self.first_seen.get
-        cgroups, cgroup_of = self._cgroups, self.cgroup_of
+        cgroup_of, seen_key = self.cgroup_of, hostinfo.seen_key
         # Without a kernel owner the cause depends only on inode 0 and rx_queue: one
         # stuck_cause() call per distinct pair, not per socket.
         causes: dict[tuple[bool, int], str] = {}
@@ -266,7 +266,7 @@ class _HostView:
         never = leak_after_s is None
         append = out.append
         for e in entries:
-            _, _, _, lport, raddr, rport, state, _, rx_queue, _, inode = e
+            _, _, _, lport, raddr, rport, _, _, rx_queue, _, inode = e
             # A socket in the accept queue (inode 0) is charged to its listener's holder.
             held = holders.get(inode) if inode else holders.get(listener_of(e, listeners))
             if held:
@@ -277,13 +277,9 @@ class _HostView:
             if cause is None:
                 cause = causes[(inode == 0, rx_queue)] = stuck_cause(
                     inode=inode, rx_queue=rx_queue, holders=None, owner=None, eof_read=False)
-            age = now_s - first(hash(e[:6]), now_s)  # hostinfo.seen_key(e)
-            cgroup = cgroups.get(pid)
-            if cgroup is None:
-                cgroup = cgroup_of(pid)
-            unread = rx_queue - 1 if state == CLOSE_WAIT and rx_queue > 0 else rx_queue
-            append(CwSock(pid, comm, cgroup, lport, raddr, rport, round(age, 3), unread, cause,
-                          not never and age >= leak_after_s))
+            age = now_s - first(seen_key(e), now_s)
+            append(CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age, 3),
+                          e.unread, cause, not never and age >= leak_after_s))
         return out
 
 
@@ -503,7 +499,7 @@ class KernelCollector:
             if duration is not None:
                 entered_out((ts_s - duration, sk, ended))
 
-    def _on_counted_exits(self, now_s: float) -> None:
+    def _on_counted_exits(self, now_s: float, port_range: tuple[int, int]) -> None:
         """Short CLOSE_WAIT stays the kernel counted since the last sample (top's raw path):
         one Ended per key and duration bucket, standing for `count` exits and their entries.
         Timed at this sample (they happened since the last one, within one stay of it)."""
@@ -511,7 +507,7 @@ class KernelCollector:
         if read is None:
             return
         addr, comm_text = schema.addr_text, schema.comm_text
-        rport_any = hostinfo.read_port_range()[0]  # any ephemeral port: remote_group drops it
+        rport_any = port_range[0]  # any ephemeral port: remote_group drops it
         for key, count, hist in read():
             before = self._counted.get(key)
             if before is not None and before[0] == count:
@@ -583,7 +579,7 @@ class KernelCollector:
             self.agg.tick(now_ns)
         entries, tally = v.read()
         if self.cw_map:
-            self._on_counted_exits(tally.now_s)
+            self._on_counted_exits(tally.now_s, tally.port_range)
         return self._build(entries, tally, now_ns)
 
     def _build(self, entries: list[TcpEntry], tally: hostinfo.HostTally, now_ns: int
@@ -613,7 +609,7 @@ class KernelCollector:
         # stuck_cause() once per distinct set of them.
         causes: dict[tuple, str] = {}
         recv_eof, leak_ns = self.causes.recv_eof, self.agg.leak_after_ns
-        cgroups, cgroup_of = v._cgroups, v.cgroup_of
+        cgroup_of = v.cgroup_of
         tracked = self._map_tracked() if self.cw_map else self._agg_tracked()
         for sk, tup, netns, since_ns, owner, eof_read in tracked:
             e = find(tup, netns)
@@ -625,8 +621,7 @@ class KernelCollector:
                 held: Sequence = ()
             else:
                 used.add(id(e))
-                inode, rx_queue = e[10], e[8]
-                unread = rx_queue - 1 if rx_queue > 0 else rx_queue  # the FIN is not data
+                inode, rx_queue, unread = e.inode, e.rx_queue, e.unread
                 held = holders.get(inode, ()) if inode else ()
             seen = (owner.pid, owner.how) if owner is not None else None
             key = (e is None, inode == 0, rx_queue,
@@ -645,12 +640,9 @@ class KernelCollector:
                 pid, comm = owner.pid, owner.comm
             else:
                 pid = comm = None
-            cgroup = cgroups.get(pid)
-            if cgroup is None:
-                cgroup = cgroup_of(pid)
             age_ns = now_ns - since_ns
             _, _, lport, raddr, rport = tup
-            sock = CwSock(pid, comm, cgroup, lport, raddr, rport, round(age_ns / 1e9, 3),
+            sock = CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age_ns / 1e9, 3),
                           unread, cause, age_ns >= leak_ns)
             sockets.append(sock)
             if sk is not None:

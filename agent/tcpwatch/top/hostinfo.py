@@ -157,13 +157,13 @@ class HostTally:
         lo, hi = self.port_range
         states, seen, before, now = self.states, self.first_seen, self._before, self.now_s
         ports, held, fw2 = self._ports, self._held, self._fin_wait2
-        not_holding = _NOT_HOLDING
+        not_holding, seen_key_of = _NOT_HOLDING, seen_key
         keep: list[TcpEntry] = []
         for e in entries:
             netns, _, laddr, lport, raddr, rport, state, _, _, _, _ = e
             states[state] = states.get(state, 0) + 1
             if state in (CLOSE_WAIT, FIN_WAIT2):
-                key = hash(e[:6])  # seen_key(e), inline: once per socket per frame
+                key = seen_key_of(e)
                 first = seen[key] = before(key, now)
                 if state == CLOSE_WAIT:
                     keep.append(e)

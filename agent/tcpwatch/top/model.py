@@ -18,6 +18,7 @@ exits and to keep other counters in maps. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -294,10 +295,7 @@ def _r(x: float | None) -> float | None:
 def _main_process(socks: list, gone: list) -> tuple[int | None, str | None]:
     """(pid, comm) holding most of a group's sockets: the group's own for `process`."""
     counts: dict[tuple, int] = {}
-    for it in socks:
-        if it.pid is not None:
-            counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + 1
-    for it in gone:
+    for it in itertools.chain(socks, gone):
         if it.pid is not None:
             counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + it.count
     if not counts:
