@@ -4,7 +4,8 @@
 #   sudo scripts/install.sh [--no-apt] [--venv DIR] [-q]
 #
 # What it does (each step is skipped when already done, so it is safe to re-run):
-#   1. apt: bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux gcc (scripts/bench) and kernel headers
+#   1. apt: bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux, gcc and python3-dev
+#      (tcpwatch._fastlines, the compiled part of trace; scripts/bench) and kernel headers
 #      (linux-headers-$(uname -r) when the distro has it, else the nearest generic headers, linked
 #      under /lib/modules/$(uname -r)/{build,source} with a WARNING).
 #   2. mounts tracefs at /sys/kernel/tracing and debugfs at /sys/kernel/debug when not mounted.
@@ -19,7 +20,7 @@ set -E # ERR trap in functions too
 PROG=install.sh
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OS_PYTHON=/usr/bin/python3
-APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux gcc)
+APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip iproute2 tmux gcc python3-dev)
 RUFF_SPEC="ruff>=0.4"
 # pyproject.toml extras installed into the venv: pytest, and the optional features the tests cover
 EXTRAS="test,plot,zstd"
@@ -299,9 +300,11 @@ venv_complete() {
 # The stamp records what was pip-installed; pip runs again only when it changes (or the venv is
 # incomplete), so a re-run does not reinstall under the feet of someone using the venv.
 STAMP="$VENV/.tcpwatch-installed"
-want_stamp="$(sha256sum <"$REPO/pyproject.toml" | cut -d' ' -f1) $REPO [$EXTRAS] $RUFF_SPEC"
+# The compiled module's sources are in it too: pip builds tcpwatch._fastlines in place.
+want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/agent/tcpwatch/_fastlines.c" \
+    "$REPO/bpf/tcpwatch.h" | sha256sum | cut -d' ' -f1) $REPO [$EXTRAS] $RUFF_SPEC"
 if [ "$VENV_MADE_NOW" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && venv_complete; then
-    say "pip: tcpwatch[$EXTRAS] and ruff already installed (pyproject.toml unchanged)"
+    say "pip: tcpwatch[$EXTRAS] and ruff already installed (pyproject.toml and the C unchanged)"
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
     rm -f "$STAMP"
@@ -313,6 +316,9 @@ else
     echo "$want_stamp" >"$STAMP"
 fi
 VENV_MADE_NOW=0 VENV_STAMP_RM=0
+if ! "$VENV/bin/python" -c 'import tcpwatch._fastlines' 2>/dev/null; then
+    echo "WARNING: tcpwatch._fastlines was not built (it needs gcc and python3-dev): trace runs its slower pure-Python path" >&2
+fi
 bcc_ver="$("$VENV/bin/python" -c 'import bcc; print(getattr(bcc, "__version__", "?"))' 2>/dev/null || echo '?')"
 say "venv: ok: $("$VENV/bin/python" --version 2>&1), bcc $bcc_ver, tcpwatch editable from $REPO"
 say "done in $((SECONDS - START))s. Run the tests with: scripts/test.sh"

@@ -292,6 +292,9 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
     )
     loop = TraceLoop(source, agg, sinks, keep=pid_filter(pids) if pids else None,
                      background_resolve=True)
+    if loop.fast is not None and not loop.fast.compiled:
+        warnings = [*warnings, "tcpwatch._fastlines is not built (install gcc and python3-dev, "
+                    "then reinstall): transitions are written by the slower pure-Python path"]
     now = time.monotonic_ns()
     start = {
         "event": "start",

@@ -20,6 +20,11 @@ order with the rest. The lines are byte for byte what orjson writes for the reco
 general path (tests/unit/test_fastpath.py runs both on random streams), and the
 aggregator's counters and tracked sockets end up exactly as feed() would leave them.
 
+Most of a churn's events are transitions of untracked sockets, neither into nor out of
+CLOSE_WAIT: with the compiled module tcpwatch._fastlines (built at install when a C compiler
+is there) those lines are written in C, straight from the ring buffer's memory, and only the
+other events reach the loop below, in order (see _fastlines.c for what it hands back).
+
 Sinks that take lines (`write_lines`: the NDJSON sinks) get them in chunks. Other sinks
 (the table) must be rate-limited (`state_room`/`not_shown`): a record is built for them
 only while they have room, since building records is what this path avoids.
@@ -43,6 +48,11 @@ from tcpwatch import schema
 from tcpwatch.aggregate import Aggregator, Owner, _match_key, _Tracked, outcome_name
 from tcpwatch.classify import SLOW_CLOSE_S, ended_cause
 
+try:
+    from tcpwatch import _fastlines
+except ImportError:  # built without a C compiler: the pure-Python path does it all
+    _fastlines = None
+
 # The fields the fast path reads for every event, and those it reads only when a socket
 # leaves CLOSE_WAIT; each tuple in the order of struct tw_event (checked when building: with
 # another order the general path is used). saddr and daddr are read as one 32 bytes.
@@ -60,6 +70,11 @@ _DIGITS3 = tuple(f"{i:03d}" for i in range(1000))
 _NULL_WHO = '"pid":null,"tid":null,"comm":null'
 _STATE_NAMES = tuple(schema.state_name(n) for n in range(256))
 _NULL_CLOSER = '"closer_pid":null,"closer_tid":null,"closer_comm":null'
+COMPILED = True  # use tcpwatch._fastlines when it is there (tests turn it off to compare)
+# Durations (in microseconds) the compiled formatter must write as orjson does before it is
+# used: every form orjson's float output takes (0.0, 1e-6, 0.000012, 1.5, 100000.0, ...).
+_SECS_PROBES = (0, 1, 7, 12, 120, 999, 1_000, 1_500, 10_000, 123_456, 1_000_000, 1_500_000,
+                12_345_678, 100_000_000, 999_999_999_999, 10**11, 3 * 10**11 + 1)
 
 
 @lru_cache(maxsize=1)
@@ -151,6 +166,24 @@ class FastPath:
         self._closers: dict[tuple, str] = {}  # (actor pid, tid, raw comm) -> closer fields
         self._secs: dict[int, str] = {}  # microseconds -> duration text
         self.fast = 0  # events handled here (the rest went through Aggregator.feed)
+        self.in_c = 0  # of those, handled by the compiled formatter
+        self._c = self._compiled()
+        self.compiled = self._c is not None  # plain transitions are written in C
+
+    def _compiled(self) -> Any:
+        """The compiled formatter, or None: not built, turned off, built for another event
+        layout, or writing numbers otherwise than this orjson does."""
+        if _fastlines is None or not COMPILED:
+            return None
+        lay = schema.layout()
+        size, fields = _fastlines.LAYOUT  # as the module was built: (size, (name, off, size)s)
+        where = {name: (off, n) for name, off, n in lay.fields}
+        if size != lay.size or any(where.get(name) != (off, n) for name, off, n in fields):
+            return None
+        fmt = _fastlines.Formatter(_STATE_NAMES, self.agg.mono_to_wall_ns)
+        if any(fmt.secs(q) != secs_text(q * 1000, {})[1] for q in _SECS_PROBES):
+            return None
+        return fmt
 
     @classmethod
     def build(cls, agg: Aggregator, sinks: list, keep: Callable | None = None) -> FastPath | None:
@@ -178,13 +211,38 @@ class FastPath:
         agg = self.agg
         if agg._start_ns is None:
             agg._start_ns = self._unpack(batch[0])[0]
-        for i in range(0, len(batch), CHUNK):
+        if self._c is not None:
+            batch = self._c.scan_list(batch, agg._by_sk, bool(agg._unbound), self._room())[0]
+        self.process_items(batch)
+
+    def ring_scanner(self) -> Callable[[Any, int, int], tuple[list, int]] | None:
+        """For a ring buffer read in place (ringbuf.MmapRing.drain_with): a function that
+        walks the records between two offsets of its memory and writes the plain ones,
+        returning (items for process_items, the offset reached); None without the
+        compiled module."""
+        if self._c is None:
+            return None
+        scan_ring = self._c.scan_ring
+        agg = self.agg
+
+        def scan(buf: Any, start: int, end: int) -> tuple[list, int]:
+            items, reached, first_ts = scan_ring(buf, start, end, agg._by_sk,
+                                                 bool(agg._unbound), self._room())
+            if agg._start_ns is None and first_ts is not None:
+                agg._start_ns = first_ts
+            return items, reached
+
+        return scan
+
+    def process_items(self, items: list) -> None:
+        """Raw events and runs of lines the compiled formatter wrote, in order."""
+        for i in range(0, len(items), CHUNK):
             lines: list[bytes] = []
-            self._chunk(batch[i:i + CHUNK] if len(batch) > CHUNK else batch, lines)
+            extra = self._chunk(items[i:i + CHUNK] if len(items) > CHUNK else items, lines)
             if lines:
                 data = b"".join(lines)
                 for sink in self.line_sinks:
-                    sink.write_lines(data, len(lines))
+                    sink.write_lines(data, len(lines) + extra)
 
     def _room(self) -> int:
         if not self.record_sinks:
@@ -209,7 +267,9 @@ class FastPath:
                         tuple([head + ms for ms in _DIGITS3]), date)
         return self._second
 
-    def _chunk(self, batch: list[bytes], lines: list[bytes]) -> None:  # noqa: C901
+    def _chunk(self, batch: list, lines: list[bytes]) -> int:  # noqa: C901
+        """Events of `batch` (raw bytes, or (lines, count, events) runs from the compiled
+        formatter) to `lines`; returns how many lines more than len(lines) there are."""
         agg = self.agg
         by_sk = agg._by_sk
         get = by_sk.get
@@ -233,7 +293,19 @@ class FastPath:
         room = self._room()
         hidden = hidden_closes = 0
         general = not_state = 0  # events that went through feed(); fast ones not transitions
+        extra = in_c = 0  # lines in runs beyond the one item each adds to `lines`
+        run_more = 0  # events in runs beyond the one item each is in `batch`
         for raw in batch:
+            if raw.__class__ is tuple:  # a run of plain events, written in C
+                data, n, evs = raw
+                if n:
+                    append(data)
+                    extra += n - 1
+                    hidden += n
+                not_state += evs - n
+                run_more += evs - 1
+                in_c += evs
+                continue
             ts, sk, prev, addrs, pid, tid, netns, fam, sport, dport, kind, old, new, flags, comm = (
                 unpack(raw)
             )
@@ -336,13 +408,15 @@ class FastPath:
                 by_sk[sk] = t
                 pending[t] = None
         self._second = (base, prefix, date)
-        fast = len(batch) - general
+        fast = len(batch) + run_more - general
         agg.events += fast
         agg.transitions += fast - not_state
         self.fast += fast
+        self.in_c += in_c
         if (hidden or hidden_closes) and self.record_sinks:
             for sink in self.record_sinks:
                 sink.not_shown(hidden, hidden_closes)
+        return extra
 
     # ------------------------------------------------------------------- records
 

@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -566,6 +566,15 @@ class KernelSource:
             self.bpf.ring_buffer_consume()
         batch, self._batch = self._batch, []
         return batch
+
+    def poll_scanned(self, timeout_s: float, scan: Callable) -> list | None:
+        """poll() with `scan` walking the records in the ring's memory (see
+        ringbuf.MmapRing.drain_with): its items; None (nothing waited for or read) when
+        this source does not read a ring buffer in place."""
+        if self._ring is None or self.perf:
+            return None
+        self._ring.wait(timeout_s)
+        return self._ring.drain_with(scan)
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counts. `lost`: events the buffer had no room for; `missed`: state

@@ -155,10 +155,18 @@ class TraceLoop:
                     sink.write(rec)
 
     def _drain(self, timeout_s: float) -> None:
-        batch = self.source.poll(timeout_s)
-        if self.fast is not None:
-            self.fast.process(batch)
+        fast = self.fast
+        if fast is not None:
+            # The compiled scanner reads a ring buffer in place when the source has one.
+            scan = fast.ring_scanner()
+            poll_scanned = getattr(self.source, "poll_scanned", None)
+            items = poll_scanned(timeout_s, scan) if scan and poll_scanned else None
+            if items is not None:
+                fast.process_items(items)
+            else:
+                fast.process(self.source.poll(timeout_s))
             return
+        batch = self.source.poll(timeout_s)
         decode = schema.decode
         feed = self.agg.feed
         for raw in batch:

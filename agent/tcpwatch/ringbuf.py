@@ -31,6 +31,7 @@ import mmap
 import os
 import platform
 import select
+from collections.abc import Callable
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -182,6 +183,23 @@ class MmapRing:
             # The payloads are copies now: hand their room back to the kernel.
             self._cons[0] = new
         return out
+
+    def drain_with(self, scan: Callable[[mmap.mmap, int, int], tuple[list, int]]) -> list:
+        """drain() with `scan(memory, start, end) -> (items, offset reached)` walking the
+        records between two byte offsets of this mapping (the same protocol as walk(), as
+        fastpath's compiled scanner does it); their room is freed up to where it stopped."""
+        cons = self._cons[0]
+        prod = self._prod[0]
+        if cons == prod:
+            return []
+        avail = prod - cons
+        if not 0 <= avail <= self.data_size:
+            raise ValueError(f"ring positions out of range: consumer {cons}, producer {prod}")
+        start = self._base + (cons & self._mask)  # the area is mapped twice: no wrap here
+        items, reached = scan(self._mm, start, start + avail)
+        if reached != start:
+            self._cons[0] = cons + (reached - start)
+        return items
 
     def close(self) -> None:
         for view in (self._cons, self._prod):

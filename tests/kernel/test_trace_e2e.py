@@ -101,6 +101,8 @@ def check_log(records: list[dict]) -> None:
     first = next(r for r in records if r["event"] != "existing")
     assert first["event"] == "start" and events.count("start") == 1, events[:5]
     assert first["v"] == 1
+    # Every real trace here runs the compiled formatter (scripts/install.sh builds it).
+    assert not any("_fastlines" in w for w in first["warnings"]), first["warnings"]
     assert events.count("summary") == 1 and events[-1] == "summary"
     summary = records[-1]
     assert summary["lost"] == 0, show(summary)

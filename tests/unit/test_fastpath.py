@@ -1,6 +1,7 @@
 """The trace's fast path (fastpath.FastPath) against the general path (decode -> feed ->
 records -> orjson): the same bytes, the same table, the same aggregator state, on random
-streams that go everywhere the general path can go."""
+streams that go everywhere the general path can go. Every test runs twice: with the compiled
+formatter (tcpwatch._fastlines, a failure under CI when it was not built) and without."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ COMMS = ["server", "api", 'we"ird\\', "ünïcødé", "\x01ctl\x7f", "", "kube-co
 V4 = ["10.0.0.1", "10.0.0.2", "127.0.0.1", "192.168.100.200"]
 RECV_EOF = Causes(recv_eof=True)
 V6 = ["2001:db8::1", "::1", "::ffff:10.0.0.1", "fe80::1234:5678:9abc:def0"]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def compiled(request, monkeypatch) -> bool:
+    """Run the test with and without the compiled formatter."""
+    on = request.param == "compiled"
+    if on and fastpath._fastlines is None:
+        pytest.skip("tcpwatch._fastlines is not built (pip install -e . with gcc and "
+                    "Python's headers)")
+    monkeypatch.setattr(fastpath, "COMPILED", on)
+    return on
 
 
 class Recorded:
@@ -189,6 +201,7 @@ def run(raw: list[bytes], existing: list, fast: bool, *, batch: int = 97, offset
     ticks = iter(range(at(0), at(10**6), 250_000_000))  # leaks come due as events go by
     loop = TraceLoop(Recorded(batches), agg, sinks, clock=lambda: next(ticks), fast=fast)
     assert (loop.fast is not None) == fast
+    assert not fast or loop.fast.compiled == fastpath.COMPILED
     for rec in agg.seed_existing(existing, {9100: [Holder(812, "server", 9)]}, at(0)):
         loop.emit([rec])
     orig = loop._drain
@@ -208,7 +221,7 @@ def run(raw: list[bytes], existing: list, fast: bool, *, batch: int = 97, offset
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_fast_path_writes_what_the_general_path_writes(seed):
+def test_fast_path_writes_what_the_general_path_writes(seed, compiled):
     raw, existing = random_stream(seed)
     offset = random.Random(seed).randrange(SEC)  # seconds fall anywhere
     fast = run(raw, existing, True, offset=offset)
@@ -217,6 +230,8 @@ def test_fast_path_writes_what_the_general_path_writes(seed):
     assert fast[1] == slow[1]  # the table, rows and "not shown" counts
     assert fast[2:5] == slow[2:5]  # tracked sockets, leak queue, counters
     assert fast[5].fast.fast > len(raw) // 2  # the fast path did most of it
+    # ... and the compiled formatter some of it (these streams track most sockets)
+    assert (fast[5].fast.in_c > len(raw) // 20) == compiled
 
 
 @pytest.mark.parametrize("causes", [None, Causes(recv_eof=False, slow_close_s=0.002)])
@@ -226,12 +241,16 @@ def test_fast_path_without_causes_or_with_another_slow_close(causes):
                                                                causes=causes)[:5]
 
 
-def test_fast_path_on_the_churn_is_all_fast_and_identical():
+@pytest.mark.parametrize("rows", [10**9, 10])
+def test_fast_path_on_the_churn_is_all_fast_and_identical(compiled, rows):
     raw = churn(500)
-    fast = run(raw, [], True, batch=1500, rows=10**9)
-    slow = run(raw, [], False, batch=1500, rows=10**9)
+    fast = run(raw, [], True, batch=1500, rows=rows)
+    slow = run(raw, [], False, batch=1500, rows=rows)
     assert fast[:5] == slow[:5]
     assert fast[5].fast.fast == len(raw)  # no event needed the general path
+    if compiled and rows == 10:  # in C: all but a connection's CLOSE_WAIT entry, EOF, exit
+        assert fast[5].fast.in_c >= len(raw) * 6 // 10
+    # (with rows=10**9 the table shows every transition: each needs its record, from Python)
     lines = fast[0].splitlines()
     assert sum(b'"event":"state"' in line for line in lines) == 5000
     assert sum(b'"event":"close_wait"' in line for line in lines) == 500
@@ -313,3 +332,75 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(fastpath).failed == 0
+
+
+def test_the_ring_scanner_reads_the_ring_as_walk_and_process_do(compiled, monkeypatch):
+    """The compiled scanner walking a ring buffer's memory in place (wrapping around its end,
+    skipping discarded records, stopping at a busy one) writes what walk() + process() do."""
+    from test_ringbuf import Ring
+
+    from tcpwatch.ringbuf import BUSY_BIT, DISCARD_BIT, walk
+
+    raw, existing = random_stream(4, sockets=150)
+    raw = churn(200, start_s=7.0) + raw[:1500]
+    ring = Ring(1 << 20, pos=(1 << 20) * 3 - 40_000)  # wraps 40 kB in
+    positions = [ring.put(r) for r in raw]
+    for i in range(5, len(raw), 97):
+        ring.set_flags(positions[i], DISCARD_BIT)
+    busy = len(raw) * 2 // 3
+    ring.set_flags(positions[busy], BUSY_BIT)
+    base, mask = 4096, (1 << 20) - 1
+
+    def make() -> tuple[FastPath, io.BytesIO, io.StringIO]:
+        agg = Aggregator(0.5, WALL_OFFSET_NS, SomeHeld().resolve, start_mono_ns=None,
+                         causes=RECV_EOF)
+        for _ in agg.seed_existing(existing, {}, at(0)):
+            pass
+        out, screen = io.BytesIO(), io.StringIO()
+        table = TableSink(screen, color=False, clock=lambda: 0.0, rows_per_s=40,
+                          wall=lambda: 1795237980.0)
+        return FastPath.build(agg, [table, NdjsonSink(out)]), out, screen
+
+    def by_c() -> tuple:
+        fast, out, screen = make()
+        scan = fast.ring_scanner()
+        assert scan is not None
+        cons = ring.start
+        for _ in range(2):  # up to the busy record, then (submitted) the rest
+            mem = ring.mapped(base)
+            start = base + (cons & mask)
+            items, reached = scan(mem, start, start + ring.prod - cons)
+            fast.process_items(items)
+            cons += reached - start
+            ring.set_flags(positions[busy], 0)
+        ring.set_flags(positions[busy], BUSY_BIT)
+        assert cons == ring.prod
+        return fast, out, screen
+
+    def by_python() -> tuple:
+        monkeypatch.setattr(fastpath, "COMPILED", False)
+        fast, out, screen = make()
+        cons = ring.start
+        for _ in range(2):
+            batch, cons = walk(ring.mapped(base), cons, ring.prod, mask, base)
+            fast.process(batch)
+            ring.set_flags(positions[busy], 0)
+        ring.set_flags(positions[busy], BUSY_BIT)
+        assert cons == ring.prod
+        return fast, out, screen
+
+    if not compiled:
+        assert make()[0].ring_scanner() is None  # nothing reads the ring in place
+        return
+    c, py = by_c(), by_python()
+    for fast, _, _ in (c, py):
+        fast.line_sinks[0].flush()
+        for sink in fast.record_sinks:
+            sink.close()
+    assert c[1].getvalue() == py[1].getvalue() and c[1].getvalue().count(b"\n") > 2000
+    assert c[2].getvalue() == py[2].getvalue()
+    a, b = c[0].agg, py[0].agg
+    assert (a.events, a.transitions, a.close_waits, a._start_ns) == (
+        b.events, b.transitions, b.close_waits, b._start_ns)
+    assert sorted(map(repr, a.in_close_wait())) == sorted(map(repr, b.in_close_wait()))
+    assert c[0].in_c > len(raw) // 3
