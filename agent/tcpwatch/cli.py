@@ -293,8 +293,10 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
     loop = TraceLoop(source, agg, sinks, keep=pid_filter(pids) if pids else None,
                      background_resolve=True)
     if loop.fast is not None and not loop.fast.compiled:
-        warnings = [*warnings, "tcpwatch._fastlines is not built (install gcc and python3-dev, "
-                    "then reinstall): transitions are written by the slower pure-Python path"]
+        why = ("turned off by TCPWATCH_FASTLINES=0" if os.environ.get("TCPWATCH_FASTLINES") == "0"
+               else "not built (install gcc and python3-dev, then reinstall)")
+        warnings = [*warnings, f"tcpwatch._fastlines {why}: transitions are written by the "
+                    "slower pure-Python path"]
     now = time.monotonic_ns()
     start = {
         "event": "start",

@@ -35,6 +35,7 @@ only while they have room, since building records is what this path avoids.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -70,7 +71,9 @@ _DIGITS3 = tuple(f"{i:03d}" for i in range(1000))
 _NULL_WHO = '"pid":null,"tid":null,"comm":null'
 _STATE_NAMES = tuple(schema.state_name(n) for n in range(256))
 _NULL_CLOSER = '"closer_pid":null,"closer_tid":null,"closer_comm":null'
-COMPILED = True  # use tcpwatch._fastlines when it is there (tests turn it off to compare)
+# Use tcpwatch._fastlines when it is there; tests turn it off to compare, and so does
+# TCPWATCH_FASTLINES=0 in the environment (scripts/bench's trace-py mode).
+COMPILED = True
 # Durations (in microseconds) the compiled formatter must write as orjson does before it is
 # used: every form orjson's float output takes (0.0, 1e-6, 0.000012, 1.5, 100000.0, ...).
 _SECS_PROBES = (0, 1, 7, 12, 120, 999, 1_000, 1_500, 10_000, 123_456, 1_000_000, 1_500_000,
@@ -173,7 +176,7 @@ class FastPath:
     def _compiled(self) -> Any:
         """The compiled formatter, or None: not built, turned off, built for another event
         layout, or writing numbers otherwise than this orjson does."""
-        if _fastlines is None or not COMPILED:
+        if _fastlines is None or not COMPILED or os.environ.get("TCPWATCH_FASTLINES") == "0":
             return None
         lay = schema.layout()
         size, fields = _fastlines.LAYOUT  # as the module was built: (size, (name, off, size)s)
