@@ -404,3 +404,20 @@ def test_the_ring_scanner_reads_the_ring_as_walk_and_process_do(compiled, monkey
         b.events, b.transitions, b.close_waits, b._start_ns)
     assert sorted(map(repr, a.in_close_wait())) == sorted(map(repr, b.in_close_wait()))
     assert c[0].in_c > len(raw) // 3
+
+
+def test_the_compiled_formatter_is_used_only_when_it_agrees(compiled, monkeypatch):
+    """Off with TCPWATCH_FASTLINES=0, or when the built module reads another layout than the
+    header's (it was built before tcpwatch.h changed): the pure-Python path then."""
+    def build() -> FastPath:
+        return FastPath.build(Aggregator(30, 0), [NdjsonSink(io.BytesIO())])
+
+    assert build().compiled == compiled
+    monkeypatch.setenv("TCPWATCH_FASTLINES", "0")
+    assert not build().compiled
+    monkeypatch.delenv("TCPWATCH_FASTLINES")
+    if compiled:
+        size, fields = fastpath._fastlines.LAYOUT
+        moved = tuple((n, off + 8 if n == "comm" else off, k) for n, off, k in fields)
+        monkeypatch.setattr(fastpath._fastlines, "LAYOUT", (size, moved))
+        assert not build().compiled
