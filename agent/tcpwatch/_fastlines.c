@@ -47,6 +47,8 @@
 #define TCP_CLOSE_WAIT 8
 #define NAME_MAX_LEN 23
 #define LINE_ROOM 512 /* a state line is at most ~330 bytes */
+#define RUN_LINES 256 /* lines per run at most: the buffer stays ~80 kB, Python writes as
+			 they come (a drain of the whole ring is ~58,000 events) */
 
 typedef struct {
 	PyObject_HEAD
@@ -443,6 +445,8 @@ static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len)
 	return r;
 }
 
+static int flush_run(Formatter *f, struct scan *s);
+
 static int flush_run(Formatter *f, struct scan *s)
 {
 	if (!f->run_events)
@@ -464,7 +468,7 @@ static int step(Formatter *f, struct scan *s, const unsigned char *p, size_t len
 {
 	int r = one(f, s, p, len);
 	if (r == HANDLED)
-		return 0;
+		return f->run_lines < RUN_LINES ? 0 : flush_run(f, s);
 	if (r == FAIL)
 		return -1;
 	if (len >= sizeof(struct tw_event)) {

@@ -242,10 +242,14 @@ class FastPath:
         for i in range(0, len(items), CHUNK):
             lines: list[bytes] = []
             extra = self._chunk(items[i:i + CHUNK] if len(items) > CHUNK else items, lines)
-            if lines:
-                data = b"".join(lines)
-                for sink in self.line_sinks:
-                    sink.write_lines(data, len(lines) + extra)
+            self._write(lines, extra)
+
+    def _write(self, lines: list[bytes], extra: int) -> None:
+        """lines (holding len(lines) + extra lines) to every line sink."""
+        if lines:
+            data = b"".join(lines)
+            for sink in self.line_sinks:
+                sink.write_lines(data, len(lines) + extra)
 
     def _room(self) -> int:
         if not self.record_sinks:
@@ -305,6 +309,10 @@ class FastPath:
                     append(data)
                     extra += n - 1
                     hidden += n
+                    if extra >= CHUNK:  # long runs: out now, so that memory stays bounded
+                        self._write(lines, extra)
+                        lines.clear()
+                        extra = 0
                 not_state += evs - n
                 run_more += evs - 1
                 in_c += evs

@@ -243,21 +243,22 @@ def test_fast_path_without_causes_or_with_another_slow_close(causes):
 
 @pytest.mark.parametrize("rows", [10**9, 10])
 def test_fast_path_on_the_churn_is_all_fast_and_identical(compiled, rows):
-    raw = churn(500)
-    fast = run(raw, [], True, batch=1500, rows=rows)
-    slow = run(raw, [], False, batch=1500, rows=rows)
+    raw = churn(1500)
+    fast = run(raw, [], True, batch=5000, rows=rows)
+    slow = run(raw, [], False, batch=5000, rows=rows)
     assert fast[:5] == slow[:5]
     assert fast[5].fast.fast == len(raw)  # no event needed the general path
     if compiled and rows == 10:  # in C: all but a connection's CLOSE_WAIT entry, EOF, exit
         assert fast[5].fast.in_c >= len(raw) * 6 // 10
     # (with rows=10**9 the table shows every transition: each needs its record, from Python)
     lines = fast[0].splitlines()
-    assert sum(b'"event":"state"' in line for line in lines) == 5000
-    assert sum(b'"event":"close_wait"' in line for line in lines) == 500
+    assert sum(b'"event":"state"' in line for line in lines) == 15000
+    assert sum(b'"event":"close_wait"' in line for line in lines) == 1500
 
 
 def test_fast_path_with_tiny_caches_and_no_start_time(monkeypatch):
     monkeypatch.setattr(fastpath, "CACHE_MAX", 3)  # every cache fills and starts again
+    monkeypatch.setattr(fastpath, "CHUNK", 7)  # lines go out in many small writes
     raw, existing = random_stream(7, sockets=150)
     assert run(raw, existing, True, start=None)[:5] == run(raw, existing, False, start=None)[:5]
 
