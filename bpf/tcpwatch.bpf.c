@@ -225,6 +225,7 @@ static __always_inline void calibrate(struct tw_cfg *cf, u64 sk, int old, int ne
 	if (!c)
 		return;
 	bpf_probe_read_kernel(c->sock, sizeof(c->sock), (void *)sk);
+	bpf_probe_read_kernel(c->inet, sizeof(c->inet), (void *)(sk + TW_CALIB_INET_AT));
 	__builtin_memcpy(c->saddr, saddr, 16);
 	__builtin_memcpy(c->daddr, daddr, 16);
 	c->family = family;
@@ -884,7 +885,33 @@ int tw_top(struct bpf_raw_tracepoint_args *ctx)
 	return cw_raw(ctx, cf, sk, old, new);
 }
 
-// The rescue program, for the classic state program or for tw_top. Attached by the loader
+// --- trace's raw path (TW_CFG_RAW_STATE) ----------------------------------------------
+// The same on_state() as the classic program, with the tuple read from struct sock_common
+// (checked at start-up): no perf copy of the arguments, and no skips when another tracepoint
+// program of ours runs on the CPU (a raw program is skipped only when it runs itself there),
+// so far fewer firings for tw_rescue to take over. The local port is inet_sport, at the offset
+// the loader found on its calibration sockets (TW_CFG_SPORT_OFF), as the tracepoint reads it.
+int tw_trace(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0, old = (int)ctx->args[1], new = (int)ctx->args[2];
+	u64 sk = ctx->args[0];
+	u8 saddr[16] = {}, daddr[16] = {};
+	struct tw_skc_head h = {};
+	struct tw_cfg *cf;
+	u16 sport = 0;
+
+	ran_push(sk, (u16)(old << 8 | new));
+	cf = config.lookup(&zero);
+	if (!cf || !cf->v[TW_CFG_RAW_STATE] || !cf->v[TW_CFG_SPORT_OFF] ||
+	    !skc_tuple(cf, sk, &h, saddr, daddr))
+		return 0;
+	// The local port as the classic tracepoint reports it: inet_sport, which stays when
+	// skc_num does not (inet_put_port() zeroes it before the transition to CLOSE).
+	bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + cf->v[TW_CFG_SPORT_OFF]));
+	return on_state(ctx, sk, old, new, h.family, ntohs(sport), ntohs(h.dport), saddr, daddr, 0);
+}
+
+// The rescue program, for the classic state program, tw_top or tw_trace. Attached by the loader
 // after that one (not by bcc's autoload, whose order is not the source's).
 int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -922,7 +949,14 @@ int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	count(TW_CNT_UNRAN);
 	// On the way to CLOSE, inet_put_port() has zeroed skc_num already; the tracepoint
-	// shows inet_sport, which stays. Use the port this socket had.
+	// shows inet_sport, which stays: read it where the loader found it, else use the port
+	// this socket had.
+	if (!h.num && cf->v[TW_CFG_SPORT_OFF]) {
+		u16 sport = 0;
+
+		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + cf->v[TW_CFG_SPORT_OFF]));
+		h.num = ntohs(sport);
+	}
 	if (!h.num && new == TS_CLOSE && s)
 		h.num = s->sport;
 	count(TW_CNT_RESCUED);

@@ -81,10 +81,17 @@
                                     is sent (exact duration); shorter ones are counted in `exits` */
 #define TW_CFG_EPH_LO 15       /* the host's ip_local_port_range: an `exits` key drops the */
 #define TW_CFG_EPH_HI 16       /* peer's port when it is in it and the local one is not */
-#define TW_CFG_SLOTS 17
+#define TW_CFG_RAW_STATE 17    /* 1 (trace): the raw program tw_trace handles every transition with
+                                  the tuple read from struct sock_common; the classic one is
+                                  detached (see "trace's raw path" in the C) */
+#define TW_CFG_SPORT_OFF 18    /* offset of inet_sk(sk)->inet_sport (network order), found on the
+                                  calibration sockets; 0 while unknown (tw_trace needs it) */
+#define TW_CFG_SLOTS 19
 
 #define TW_CALIB_BYTES 512
 #define TW_CALIB_SOCK 96
+#define TW_CALIB_INET_AT 512  /* where the dump of struct inet_sock's fields starts: past */
+#define TW_CALIB_INET 1024    /* struct sock (760-1400 bytes with the usual configs) */
 
 /* `calib` map: what the state program saw of the loader's calibration sockets. Element 0:
  * the listener (its struct net too), element 1: the accepted child, with the tracepoint's
@@ -99,6 +106,7 @@ struct tw_calib {
 	__u16 sport;
 	__u16 dport;
 	__u16 pad;
+	__u8 inet[TW_CALIB_INET]; /* struct sock from TW_CALIB_INET_AT: inet_sport is in there */
 };
 
 /* One record per event, IPv4 addresses in the first 4 bytes of the 16. */

@@ -60,6 +60,7 @@ class Options:
     # instead of sent, where the kernel offers top's raw path (KernelSource.cw_raw).
     exit_detail_s: float = 1.0
     ephemeral: tuple[int, int] = (32768, 60999)  # the host's ip_local_port_range (exits' keys)
+    raw_path: bool = True  # False: keep the classic state program (tests compare both)
 
 
 @dataclass
@@ -193,9 +194,12 @@ class KernelSource:
         self._ring: ringbuf.MmapRing | None = None
         self.ring_reader: str | None = None  # "mmap" or "bcc"; None with the perf buffer
         self._stack_cache: dict[tuple[int, int], list[str]] = {}
-        self.cw_raw = False  # top's raw path is on (see _use_cw_raw)
+        self.cw_raw = False  # top's raw path is on (see _use_raw)
+        self.raw_state = False  # trace's raw path is on
+        self._raw_fd = -1
         self._raw_ok = False  # the struct reads it needs passed their checks
-        self._top_link: int | None = None  # tw_top's raw tracepoint attachment
+        self._sport_off = 0  # offset of inet_sport, found on the calibration sockets
+        self._raw_link: int | None = None  # tw_top's or tw_trace's raw tracepoint attachment
 
     # --- start-up ---------------------------------------------------------------
 
@@ -279,7 +283,7 @@ class KernelSource:
 
         warnings += self._calibrate(state_tp)
         self._configure()
-        self._use_cw_raw()
+        self._use_raw()
         if self.perf:
             self._callback = self._on_perf_event
             per_cpu = 1 << (max(1, self.opts.ring_pages // os.cpu_count()).bit_length() - 1)
@@ -326,6 +330,9 @@ class KernelSource:
         if self.cw_raw:
             hooks["state"] = ("raw_tracepoint:inet_sock_set_state (CLOSE_WAIT only, struct "
                               "reads checked, skips rescued)")
+        elif self.raw_state:
+            hooks["state"] = ("raw_tracepoint:inet_sock_set_state (struct reads checked, "
+                              f"inet_sport at +{self._sport_off})")
         return Opened(hooks=hooks, warnings=warnings, startup_s=time.monotonic() - started)
 
     def _attach_rescue(self) -> list[str]:
@@ -342,42 +349,50 @@ class KernelSource:
         self.rescue_loaded = True
         return []
 
-    def _use_cw_raw(self) -> None:
-        """top: hand the tracepoint to the raw program alone (cw_raw() in the C) where the
-        rescue's struct reads passed their check; else top keeps the classic program."""
-        self.cw_raw = False
-        if not (self.opts.cw_map and self.rescue_loaded and self.rescue_hook and self._raw_ok) \
-                or self.opts.pids or set(self.opts.states) - {schema.CLOSE_WAIT}:
+    def _use_raw(self) -> None:
+        """Hand the state tracepoint to a raw program (top: tw_top, CLOSE_WAIT only; trace:
+        tw_trace, every transition) where the rescue's struct reads passed their checks for
+        both families; else the classic program stays. tw_rescue stays after it."""
+        self.cw_raw = self.raw_state = False
+        if not (self.opts.raw_path and self.rescue_loaded and self.rescue_hook and self._raw_ok):
             return
+        c = schema.layout().consts
+        if self.opts.cw_map:
+            if self.opts.pids or set(self.opts.states) - {schema.CLOSE_WAIT}:
+                return
+            prog, slot = b"tw_top", "TW_CFG_CW_RAW"
+            lo, hi = self.opts.ephemeral
+            self._set(c["TW_CFG_EPH_LO"], lo)
+            self._set(c["TW_CFG_EPH_HI"], hi)
+            self._set(c["TW_CFG_EXIT_DETAIL_NS"], int(self.opts.exit_detail_s * 1e9))
+        elif self.opts.stacks or not self._sport_off:
+            return  # the classic program's stacks, as tested; or inet_sport not found
+        else:
+            prog, slot = b"tw_trace", "TW_CFG_RAW_STATE"
         from bcc import BPF, lib
 
-        c = schema.layout().consts
-        lo, hi = self.opts.ephemeral
-        self._set(c["TW_CFG_EPH_LO"], lo)
-        self._set(c["TW_CFG_EPH_HI"], hi)
-        self._set(c["TW_CFG_EXIT_DETAIL_NS"], int(self.opts.exit_detail_s * 1e9))
-        # tw_top goes before tw_rescue (probes run in the order they were attached, as the
-        # calibration checked): take tw_rescue off and put it back after. Nothing is sent
-        # before TW_CFG_ENABLED, so what passes meanwhile does not matter.
+        # The raw program goes before tw_rescue (probes run in the order they were attached,
+        # as the calibration checked): take tw_rescue off and put it back after. Nothing is
+        # sent before TW_CFG_ENABLED, so what passes meanwhile does not matter.
         tp = b"inet_sock_set_state"
         try:
-            top = self.bpf.load_func(b"tw_top", BPF.RAW_TRACEPOINT)
-        except Exception:  # bcc raises plain Exception; top keeps the classic program
+            raw = self.bpf.load_func(prog, BPF.RAW_TRACEPOINT)
+        except Exception:  # bcc raises plain Exception; the classic program stays
             return
         self.bpf.detach_raw_tracepoint(tp)
-        fd = lib.bpf_attach_raw_tracepoint(top.fd, tp)
+        fd = lib.bpf_attach_raw_tracepoint(raw.fd, tp)
         self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"tw_rescue")
         if fd < 0:
             return
-        self._top_link = fd
+        self._raw_link, self._raw_fd = fd, raw.fd
         self.bpf.detach_tracepoint(b"sock:inet_sock_set_state")
         # The classic program's skips end here: what it missed is fixed from now on.
         self._missed_before = max(0, sum(recursion_misses(f) for f in self._state_fds())
                                   - self._count("RESCUED"))
-        self._top_misses_from = recursion_misses(top.fd)
+        self._raw_misses_from = recursion_misses(raw.fd)
         self._rescued_from = self._count("RESCUED")
-        self._set(c["TW_CFG_CW_RAW"], 1)
-        self.cw_raw = True
+        self._set(c[slot], 1)
+        self.cw_raw, self.raw_state = bool(self.opts.cw_map), not self.opts.cw_map
 
     def _open_ring(self) -> list[str]:
         """Read the ring buffer through mmap where we can (a fraction of bcc's per-event
@@ -435,6 +450,8 @@ class KernelSource:
                 v6 = self._calib_connection(socket.AF_INET6, "::ffff:127.0.0.1",
                                             "::ffff:127.0.0.2")
         check = check_rescue_layout(v4, v6)
+        self._sport_off = find_inet_sport([pair for pair in (v4, v6) if pair]) or 0
+        self._set(c["TW_CFG_SPORT_OFF"], self._sport_off)
         # top's raw path reads every tuple from the struct: both families must be checked
         # (or IPv6 absent here).
         self._raw_ok = check.mode == 3 or (check.mode == 1 and v6 is None)
@@ -591,8 +608,8 @@ class KernelSource:
         # The state program's skips, counted by the kernel, less those the rescue program
         # handled. (A firing dropped before any program ran would be in neither count; the
         # oracle in tests/kernel/test_rescue_root.py has seen none.)
-        if self.cw_raw:  # tw_top since the switch, tw_rescue after it
-            skips = recursion_misses(self.bpf.funcs[b"tw_top"].fd) - self._top_misses_from
+        if self.cw_raw or self.raw_state:  # the raw program since the switch, then tw_rescue
+            skips = recursion_misses(self._raw_fd) - self._raw_misses_from
             out["missed"] = self._missed_before + max(
                 0, skips - (out["rescued"] - self._rescued_from))
             return out
@@ -662,9 +679,9 @@ class KernelSource:
         return [n.decode("utf-8", "replace") for n in names]
 
     def close(self) -> None:
-        if self._top_link is not None:
-            os.close(self._top_link)  # attached outside bcc: its cleanup would not detach it
-            self._top_link = None
+        if self._raw_link is not None:
+            os.close(self._raw_link)  # attached outside bcc: its cleanup would not detach it
+            self._raw_link = None
         if self._ring is not None:
             self._ring.close()  # before bcc's cleanup unloads the map
             self._ring = None
@@ -784,6 +801,23 @@ def check_rescue_layout(v4: tuple[dict, dict] | None, v6: tuple[dict, dict] | No
     else:
         out.mode, out.tcpv6_prot, out.v6_off = 3, prot6, hits[0]
     return out
+
+
+def find_inet_sport(pairs: list[tuple[dict, dict]]) -> int | None:
+    """Offset of inet_sk(sk)->inet_sport in struct sock: the one place where every
+    calibration socket's dump (struct tw_calib's `inet`, from TW_CALIB_INET_AT on) holds
+    that socket's local port in network order. None if no such place, or more than one.
+    Each pair is (listener, accepted child); their ports differ between pairs."""
+    at = schema.layout().consts["TW_CALIB_INET_AT"]
+    found: set[int] | None = None
+    for dump in (d for pair in pairs for d in pair):
+        want = struct.pack("!H", dump["sport"])
+        inet = dump["inet"]
+        hits = {off for off in range(0, len(inet) - 1, 2) if inet[off:off + 2] == want}
+        found = hits if found is None else found & hits
+    if not found or len(found) != 1 or len({p[0]["sport"] for p in pairs}) != len(pairs):
+        return None
+    return at + found.pop()
 
 
 def recursion_misses(prog_fd: int) -> int:

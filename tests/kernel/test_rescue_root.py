@@ -1,7 +1,8 @@
-"""The rescue program against the real kernel: transitions the classic state program is
-skipped for (a softirq interrupting one of our classic programs) arrive anyway, with the
-tuple read from struct sock_common; every firing of the tracepoint for the churn's sockets
-(counted by an oracle program of the test's own) is delivered once or counted as missed.
+"""The rescue program against the real kernel: transitions the state program is skipped for
+(the classic one: a softirq interrupting one of our classic programs; trace's raw one,
+tw_trace: a softirq interrupting itself) arrive anyway, with the tuple read from struct
+sock_common; every firing of the tracepoint for the churn's sockets (counted by an oracle
+program of the test's own) is delivered once or counted as missed.
 
 Skips need a saturating churn: a timer interrupt must land while one of our programs runs
 (~0.1 % of transitions here). The C churn of scripts/bench makes them in seconds.
@@ -23,12 +24,14 @@ pytestmark = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 17889
-WANT_SKIPS = 30  # classic-program skips to have seen before judging the rescue
+WANT_SKIPS = 30  # state-program skips to have seen before judging the rescue
 ROUNDS = 6       # of 3 s of churn at most
 
 
-def classic_skips(src: loader.KernelSource) -> int:
-    return sum(loader.recursion_misses(fd) for fd in src._state_fds())
+def state_skips(src: loader.KernelSource) -> int:
+    """The kernel's skips of the classic state program, and of tw_trace once it took over."""
+    raw = loader.recursion_misses(src._raw_fd) if src.raw_state else 0
+    return sum(loader.recursion_misses(fd) for fd in src._state_fds()) + raw
 
 
 class Oracle:
@@ -65,10 +68,13 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
         return int(sum(self.bpf["n"][ctypes.c_int(0)])), loader.recursion_misses(prog.fd)
 
 
-def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
-    src = loader.KernelSource(loader.Options(ports=(PORT,), ring_pages=16384))
+@pytest.mark.parametrize("raw_path", [True, False], ids=["tw_trace", "classic"])
+def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns, raw_path):
+    src = loader.KernelSource(loader.Options(ports=(PORT,), ring_pages=16384,
+                                             raw_path=raw_path))
     try:
         opened = src.open()
+        assert src.raw_state == raw_path, (opened.hooks, opened.warnings)
         want = "raw_tracepoint:inet_sock_set_state (IPv4+IPv6, checked)"
         assert opened.hooks["rescue"] == want, (opened.hooks, opened.warnings)
         oracle = Oracle()
@@ -78,7 +84,7 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
             result, _, batch = churn_in(netns, churn_bin, 3, PORT, src)
             got += batch
             made += result["connections"] * PER_CONNECTION + 2  # + the listener
-            if classic_skips(src) >= WANT_SKIPS:
+            if state_skips(src) >= WANT_SKIPS:
                 break
         # The churn has ended: drain until the ring stays empty for a while.
         deadline, quiet = time.monotonic() + 10, 0
@@ -87,7 +93,7 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns):
             got += batch
             quiet = 0 if batch else quiet + 1
         fired, oracle_skipped = oracle.fired()
-        counts, skips = src.counters(), classic_skips(src)
+        counts, skips = src.counters(), state_skips(src)
     finally:
         src.close()
 

@@ -94,3 +94,37 @@ def test_ipv6_addresses_must_be_found_once():
     out = check_rescue_layout(v4_pair(), v6_pair(addrs=(V6_SERVER, V6_CLIENT)))
     assert out.mode == 1
     assert out.problems == ["the IPv6 addresses found 0 times in struct sock_common"]
+
+
+# --------------------------------------------------------------------- find_inet_sport()
+
+def inet_dump(port: int, at: int, noise: dict[int, int] | None = None) -> dict:
+    """A calibration dump whose `inet` bytes hold `port` (network order) at offset `at`."""
+    from tcpwatch import schema
+
+    inet = bytearray(schema.layout().consts["TW_CALIB_INET"])
+    struct.pack_into("!H", inet, at, port)
+    for off, value in (noise or {}).items():
+        struct.pack_into("!H", inet, off, value)
+    return {"sport": port, "inet": bytes(inet)}
+
+
+def test_inet_sport_is_where_every_calibration_socket_has_its_port():
+    from tcpwatch import schema
+    from tcpwatch.loader import find_inet_sport
+
+    start = schema.layout().consts["TW_CALIB_INET_AT"]
+    v4 = (inet_dump(PORT, 302, {40: PORT}), inet_dump(PORT, 302, {600: PORT}))
+    v6 = (inet_dump(PORT + 1, 302, {40: PORT + 1}), inet_dump(PORT + 1, 302))
+    assert find_inet_sport([v4, v6]) == start + 302
+    assert find_inet_sport([v4]) == start + 302  # no IPv6 here: the one pair decides
+    # The port twice in every dump (another field holds it too): no single answer.
+    both = (inet_dump(PORT, 302, {40: PORT}), inet_dump(PORT, 302, {40: PORT}))
+    assert find_inet_sport([both]) is None
+    assert find_inet_sport([both, v6]) == start + 302  # the other port settles it
+    # Not at the same place in every dump, or nowhere: None (trace keeps the classic program).
+    assert find_inet_sport([v4, (inet_dump(PORT + 1, 304), inet_dump(PORT + 1, 304))]) is None
+    assert find_inet_sport([({"sport": PORT, "inet": bytes(1024)},) * 2]) is None
+    assert find_inet_sport([]) is None
+    # Two pairs on the same port prove nothing more than one.
+    assert find_inet_sport([both, both]) is None
