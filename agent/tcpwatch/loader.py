@@ -60,7 +60,8 @@ class Options:
     # instead of sent, where the kernel offers top's raw path (KernelSource.cw_raw).
     exit_detail_s: float = 1.0
     ephemeral: tuple[int, int] = (32768, 60999)  # the host's ip_local_port_range (exits' keys)
-    raw_path: bool = True  # False: keep the classic state program (tests compare both)
+    # False (or TCPWATCH_RAW=0): keep the classic state program (tests and benches compare)
+    raw_path: bool = True
 
 
 @dataclass
@@ -355,6 +356,8 @@ class KernelSource:
         both families; else the classic program stays. tw_rescue stays after it."""
         self.cw_raw = self.raw_state = False
         if not (self.opts.raw_path and self.rescue_loaded and self.rescue_hook and self._raw_ok):
+            return
+        if os.environ.get("TCPWATCH_RAW") == "0":  # for comparison (scripts/bench)
             return
         c = schema.layout().consts
         if self.opts.cw_map:
