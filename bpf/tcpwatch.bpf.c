@@ -637,6 +637,15 @@ static __always_inline int skc_tuple(struct tw_cfg *cf, u64 sk, struct tw_skc_he
 	if (!is_tcp(cf, sk))
 		return 0;
 	bpf_probe_read_kernel(h, sizeof(*h), (void *)sk);
+	// On the way to CLOSE, inet_put_port() zeroes skc_num of a socket bound without an
+	// explicit port; inet_sport (what the tracepoint shows) stays: read it where the loader
+	// found it.
+	if (!h->num && cf->v[TW_CFG_SPORT_OFF]) {
+		u16 sport = 0;
+
+		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + cf->v[TW_CFG_SPORT_OFF]));
+		h->num = ntohs(sport);
+	}
 	if (h->family == TW_AF_INET && (mode & 1)) {
 		__builtin_memcpy(saddr, &h->rcv_saddr, 4);
 		__builtin_memcpy(daddr, &h->daddr, 4);
@@ -948,15 +957,7 @@ int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 	if (s && s->state == new)
 		return 0;
 	count(TW_CNT_UNRAN);
-	// On the way to CLOSE, inet_put_port() has zeroed skc_num already; the tracepoint
-	// shows inet_sport, which stays: read it where the loader found it, else use the port
-	// this socket had.
-	if (!h.num && cf->v[TW_CFG_SPORT_OFF]) {
-		u16 sport = 0;
-
-		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + cf->v[TW_CFG_SPORT_OFF]));
-		h.num = ntohs(sport);
-	}
+	// skc_num zeroed on the way to CLOSE and inet_sport not found: the port this socket had.
 	if (!h.num && new == TS_CLOSE && s)
 		h.num = s->sport;
 	count(TW_CNT_RESCUED);
