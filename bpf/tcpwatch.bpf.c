@@ -898,8 +898,8 @@ int tw_top(struct bpf_raw_tracepoint_args *ctx)
 // The same on_state() as the classic program, with the tuple read from struct sock_common
 // (checked at start-up): no perf copy of the arguments, and no skips when another tracepoint
 // program of ours runs on the CPU (a raw program is skipped only when it runs itself there),
-// so far fewer firings for tw_rescue to take over. The local port is inet_sport, at the offset
-// the loader found on its calibration sockets (TW_CFG_SPORT_OFF), as the tracepoint reads it.
+// so far fewer firings for tw_rescue to take over. The local port is skc_num, or inet_sport
+// (what the tracepoint reports) once skc_num is zeroed: see skc_tuple().
 int tw_trace(struct bpf_raw_tracepoint_args *ctx)
 {
 	int zero = 0, old = (int)ctx->args[1], new = (int)ctx->args[2];
@@ -907,17 +907,15 @@ int tw_trace(struct bpf_raw_tracepoint_args *ctx)
 	u8 saddr[16] = {}, daddr[16] = {};
 	struct tw_skc_head h = {};
 	struct tw_cfg *cf;
-	u16 sport = 0;
 
 	ran_push(sk, (u16)(old << 8 | new));
 	cf = config.lookup(&zero);
+	// Only with inet_sport's offset: skc_tuple() needs it for the port of a socket on its
+	// way to CLOSE.
 	if (!cf || !cf->v[TW_CFG_RAW_STATE] || !cf->v[TW_CFG_SPORT_OFF] ||
 	    !skc_tuple(cf, sk, &h, saddr, daddr))
 		return 0;
-	// The local port as the classic tracepoint reports it: inet_sport, which stays when
-	// skc_num does not (inet_put_port() zeroes it before the transition to CLOSE).
-	bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + cf->v[TW_CFG_SPORT_OFF]));
-	return on_state(ctx, sk, old, new, h.family, ntohs(sport), ntohs(h.dport), saddr, daddr, 0);
+	return on_state(ctx, sk, old, new, h.family, h.num, ntohs(h.dport), saddr, daddr, 0);
 }
 
 // The rescue program, for the classic state program, tw_top or tw_trace. Attached by the loader
