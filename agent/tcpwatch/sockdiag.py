@@ -30,6 +30,7 @@ Pure stdlib. Dumping needs no privileges in one's own namespace.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import socket
 import struct
@@ -37,7 +38,7 @@ import sys
 import threading
 from collections.abc import Iterable
 
-from tcpwatch.procnet import Each, TcpEntry
+from tcpwatch.procnet import Each, Tally, TcpEntry
 
 NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h
 SOCK_DIAG_BY_FAMILY = 20  # include/uapi/linux/sock_diag.h
@@ -60,6 +61,7 @@ _LEN_TYPE = struct.Struct("=IH")
 _ERR = struct.Struct("=i")
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _BIG_ENDIAN = sys.byteorder == "big"
+_STATE_OF = operator.itemgetter(6)  # TcpEntry.state
 
 _buffers = threading.local()  # one receive buffer per thread, reused across dumps
 
@@ -117,15 +119,16 @@ def address_cache() -> dict[int, AddressTexts]:
 
 def parse(
     data: bytes | bytearray | memoryview, netns: int, out: list[TcpEntry],
-    cache: dict[int, AddressTexts] | None = None,
+    cache: dict[int, AddressTexts] | None = None, tally: Tally | None = None,
 ) -> bool:
     """Append a TcpEntry for each inet_diag_msg in a buffer of netlink messages to `out`.
 
     Returns True once NLMSG_DONE is seen (nothing after it is read). NLMSG_ERROR, a DONE that
     carries an error, NLMSG_OVERRUN and truncated or malformed messages raise OSError, and
-    then nothing of this buffer is appended. cache: from address_cache(), shared across the
-    buffers of one dump. Request sockets' uid stays as the kernel gives it (0):
-    fix_request_uids() puts their listener's there.
+    then nothing of this buffer is appended (nor given to the tally). cache: from
+    address_cache(), shared across the buffers of one dump. Request sockets' uid stays as
+    the kernel gives it (0): fix_request_uids() puts their listener's there.
+    tally: sockets in states outside tally.keep go to tally.take_ids() instead of `out`.
     """
     cache = cache or address_cache()
     # Pass 1 walks the headers and checks them; pass 2 decodes in comprehensions, which is
@@ -167,6 +170,8 @@ def parse(
         # NLMSG_NOOP and anything else: skip
         off += (length + 3) & ~3  # NLMSG_ALIGN
 
+    if tally is not None and offsets:
+        offsets = _count_others(data, offsets, netns, tally)
     unpack = _MSG.unpack_from
     records = [unpack(data, o) for o in offsets]
     new = tuple.__new__
@@ -187,6 +192,43 @@ def _swap16(x: int) -> int:
     return ((x & 0xFF) << 8) | (x >> 8)
 
 
+# Offsets in a SOCK_DIAG_BY_FAMILY message (nlmsghdr, then struct inet_diag_msg)
+_AT_FAMILY, _AT_STATE, _AT_SPORT, _AT_DPORT, _AT_END_ID = 16, 17, 20, 22, 56
+
+
+def _count_others(data: bytes | bytearray | memoryview, offsets: list[int], netns: int,
+                  tally: Tally) -> list[int]:
+    """Give the messages at `offsets` whose state tally.keep does not hold to
+    tally.take_ids() (state, local port, raw id: no TcpEntry); return the offsets of the
+    others. A buffer mixing address families (a dump asks for one) is left whole."""
+    keep = tally.keep
+    if not isinstance(data, bytes):
+        data = bytes(data)  # slices of bytes are the hashable ids
+    others = [o for o in offsets if data[o + _AT_STATE] not in keep]
+    if not others:
+        return offsets
+    families = {data[o + _AT_FAMILY] for o in offsets}
+    if len(families) != 1:
+        return offsets
+    tally.take_ids(netns, _FAMILY[families.pop()], [data[o + _AT_STATE] for o in others],
+                   [data[o + _AT_SPORT] << 8 | data[o + _AT_SPORT + 1] for o in others],
+                   [data[o + _AT_DPORT:o + _AT_END_ID] for o in others])
+    return [o for o in offsets if data[o + _AT_STATE] in keep]
+
+
+def id_texts(family: int, sock_id: bytes) -> tuple[str, str, int]:
+    """(local address, remote address, remote port) of a Tally.take_ids() id, as the
+    TcpEntry of the same socket spells them.
+
+    >>> id_texts(4, bytes([0x15, 0x38]) + bytes([10, 0, 0, 1]).ljust(16, b"\\0")
+    ...          + bytes([10, 0, 0, 9]).ljust(16, b"\\0"))
+    ('10.0.0.1', '10.0.0.9', 5432)
+    """
+    af, size = (socket.AF_INET, 4) if family == 4 else (socket.AF_INET6, 16)
+    return (socket.inet_ntop(af, sock_id[2:2 + size]), socket.inet_ntop(af, sock_id[18:18 + size]),
+            sock_id[0] << 8 | sock_id[1])
+
+
 def fix_request_uids(entries: list[TcpEntry]) -> list[TcpEntry]:
     """Give request sockets (SYN_RECV, inode 0) their listener's uid, as /proc shows them.
 
@@ -198,7 +240,7 @@ def fix_request_uids(entries: list[TcpEntry]) -> list[TcpEntry]:
     >>> fix_request_uids([lst, req])[1].uid
     1000
     """
-    if not any(e.state == SYN_RECV and e.inode == 0 for e in entries):
+    if SYN_RECV not in map(_STATE_OF, entries):  # C-level scan: most dumps have none
         return entries
     listeners: dict[int, list[TcpEntry]] = {}
     for e in entries:
@@ -236,9 +278,11 @@ def _buffer() -> bytearray:
 
 
 def dump(sock: socket.socket, family: int, mask: int, netns: int, out: list[TcpEntry],
-         cache: dict[int, AddressTexts] | None = None, each: Each | None = None) -> None:
+         cache: dict[int, AddressTexts] | None = None, each: Each | Tally | None = None
+         ) -> None:
     """One family's TCP sockets in the states of `mask`, appended to out (what `each`
-    returns for each datagram's entries, if given). OSError on failure."""
+    returns for each datagram's entries, if given; a Tally's take() and take_ids() see
+    every socket). OSError on failure."""
     sock.send(request(family, mask, family))  # seq: one dump at a time per socket
     buf = _buffer()
     view = memoryview(buf)
@@ -251,15 +295,19 @@ def dump(sock: socket.socket, family: int, mask: int, netns: int, out: list[TcpE
         if n == 0:
             raise _bad("empty datagram before NLMSG_DONE")
         batch: list[TcpEntry] = out if each is None else []
-        done = parse(view[:n], netns, batch, cache)
-        if each is not None:
-            out.extend(each(batch))
+        if isinstance(each, Tally):
+            done = parse(view[:n], netns, batch, cache, each)
+            out.extend(each.take(batch))
+        else:
+            done = parse(view[:n], netns, batch, cache)
+            if each is not None:
+                out.extend(each(batch))
         if done:
             return
 
 
 def read_tcp(sock: socket.socket, netns: int, states: Iterable[int] | None = None,
-             each: Each | None = None) -> list[TcpEntry]:
+             each: Each | Tally | None = None) -> list[TcpEntry]:
     """The IPv4 then IPv6 TCP sockets of the namespace `sock` was created in, tagged `netns`,
     only those in `states` (TCP state numbers) if given: what procnet reads from
     /proc/net/tcp and tcp6, field for field. OSError if the dump fails. each: see dump()

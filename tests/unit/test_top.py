@@ -20,8 +20,9 @@ import orjson
 import pytest
 from click.testing import CliRunner
 from streams import NETNS, SEC, Entry, Holder, Proc, at, const, life, merge, step
+from test_sockdiag import AF4, AF6, FakeNetlink, diag, done
 
-from tcpwatch import schema
+from tcpwatch import schema, sockdiag
 from tcpwatch.top import collect, command, hostinfo, model, view
 from tcpwatch.top.hostinfo import PeerWait, PortRisk
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, build_rows
@@ -205,8 +206,8 @@ def test_port_risk_and_fin_wait2_from_entries():
     assert tally.ephemeral_used() == 11
     assert tally.state_names() == {"ESTABLISHED": 5, "FIN_WAIT2": 1, "TIME_WAIT": 2,
                                    "CLOSE_WAIT": 3, "LISTEN": 1}
-    # first sightings carried over for FIN_WAIT2 and CLOSE_WAIT only, new ones from now
-    assert sorted(tally.first_seen.values()) == [100.0, 160.0, 160.0, 160.0]
+    # first sightings carried over for FIN_WAIT2 only (CLOSE_WAIT ones are the collector's)
+    assert list(tally.first_seen.values()) == [100.0]
 
 
 def test_tally_merges_one_endpoint_written_two_ways():
@@ -221,6 +222,69 @@ def test_tally_merges_one_endpoint_written_two_ways():
     assert (risk.laddr, risk.remote, risk.held) == ("10.0.0.1", "10.0.0.60:5432", 2)
     (peer,) = tally.fin_wait2()
     assert (peer.remote, peer.count, peer.oldest_s) == ("10.0.0.60:5432", 2, 0.0)
+
+
+def host_table(gone: int = 0, extra: int = 0) -> list[tuple]:
+    """(family, state, laddr, lport, raddr, rport, inode) of a varied host: FIN_WAIT2 to one
+    peer written as IPv4 and as v4-mapped IPv6, to an IPv6 peer, from two local addresses;
+    ports inside and outside the range; listeners, server children, TIME_WAIT, requests.
+    gone: FIN_WAIT2 sockets left out; extra: new ones added."""
+    rows = [(AF4, 10, "0.0.0.0", 8080, "0.0.0.0", 0, 900), (AF6, 10, "::", 8443, "::", 0, 901)]
+    rows += [(AF4, 8, "10.0.0.1", 8080, "10.0.0.2", 41000 + i, 1000 + i) for i in range(5)]
+    rows += [(AF4, 5, f"10.0.0.{1 + i % 2}", 40000 + i, "10.0.0.60", 5432, 0)
+             for i in range(gone, 30 + extra)]
+    rows += [(AF6, 5, "::ffff:10.0.0.1", 40100 + i, "::ffff:10.0.0.60", 5432, 0)
+             for i in range(4)]
+    rows += [(AF6, 5, "2001:db8::1", 50000 + i, "2001:db8::9", 443, 0) for i in range(3)]
+    rows += [(AF4, 1, "10.0.0.1", 40200 + i, "10.0.0.61", 6379, 2000 + i) for i in range(6)]
+    rows += [(AF4, 6, "10.0.0.1", 40300 + i, "10.0.0.60", 5432, 0) for i in range(2)]
+    rows += [(AF4, 3, "10.0.0.1", 8080, "10.0.0.3", 45000, 0),  # a request: no port of its own
+             (AF4, 1, "10.0.0.1", 20000, "10.0.0.62", 80, 3000)]  # below the range
+    return rows
+
+
+def feed_both(rows: list[tuple], first: tuple[dict, dict], now: float):
+    """Two tallies of one table: one fed TcpEntry (as from /proc text), one fed netlink
+    datagrams of 7 messages (as from sock_diag: take_ids() for what it does not keep)."""
+    fam = {AF4: 4, AF6: 6}
+    text = hostinfo.HostTally((40000, 60000), first[0], now)
+    kept_text = text.take([Entry(NETNS, fam[f], la, lp, ra, rp, state=st, inode=ino)
+                           for f, st, la, lp, ra, rp, ino in rows])
+    diag_tally = hostinfo.HostTally((40000, 60000), first[1], now)
+    replies = []
+    for f in (AF4, AF6):
+        msgs = [diag(f, st, la, lp, ra, rp, inode=ino) for ff, st, la, lp, ra, rp, ino in rows
+                if ff == f]
+        replies.append([b"".join(msgs[i:i + 7]) for i in range(0, len(msgs), 7)] + [done()])
+    kept_diag = sockdiag.read_tcp(FakeNetlink(*replies), NETNS, None, diag_tally)
+    return (text, kept_text), (diag_tally, kept_diag)
+
+
+def test_a_tally_fed_netlink_ids_gives_the_figures_of_one_fed_entries():
+    (text, kept_text), (raw, kept_raw) = feed_both(host_table(), ({}, {}), 100.0)
+    assert sorted(kept_raw) == sorted(kept_text) and len(kept_raw) == 7
+    assert raw.state_names() == text.state_names() == {
+        "ESTABLISHED": 7, "SYN_RECV": 1, "FIN_WAIT2": 37, "TIME_WAIT": 2, "CLOSE_WAIT": 5,
+        "LISTEN": 2}
+    risk = raw.port_risk(set())
+    assert risk == text.port_risk(set())
+    # the v4-mapped sockets to 10.0.0.60:5432 count with the IPv4 ones from 10.0.0.1
+    assert [(r.laddr, r.remote, r.held) for r in risk[:3]] == [
+        ("10.0.0.1", "10.0.0.60:5432", 21), ("10.0.0.2", "10.0.0.60:5432", 15),
+        ("10.0.0.1", "10.0.0.61:6379", 6)]
+    assert raw.fin_wait2() == text.fin_wait2() == [PeerWait("10.0.0.60:5432", 34, 0.0),
+                                                   PeerWait("[2001:db8::9]:443", 3, 0.0)]
+    assert raw.ephemeral_used() == text.ephemeral_used() == 45
+    assert len(raw.first_seen) == len(text.first_seen) == 37
+
+    # The next frame: 5 FIN_WAIT2 sockets gone, 8 new; first sightings carried over alike.
+    (text2, _), (raw2, _) = feed_both(host_table(gone=5, extra=8),
+                                      (text.first_seen, raw.first_seen), 160.0)
+    assert raw2.fin_wait2() == text2.fin_wait2() == [PeerWait("10.0.0.60:5432", 37, 60.0),
+                                                     PeerWait("[2001:db8::9]:443", 3, 60.0)]
+    assert sorted(raw2.first_seen.values()) == sorted(text2.first_seen.values())
+    assert sorted(raw2.first_seen.values()).count(100.0) == 32  # 37 - 5 gone
+    assert raw2.port_risk(set()) == text2.port_risk(set())
 
 
 # ------------------------------------------------------------------------- collectors
@@ -479,7 +543,7 @@ def test_help_and_json_needs_once():
 
 
 def test_once_json_in_forced_snapshot_mode(monkeypatch):
-    monkeypatch.setattr(collect.procnet, "snapshot", lambda each: each([
+    monkeypatch.setattr(collect.procnet, "snapshot", lambda each: each.take([
         Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=3, inode=11)]))
     monkeypatch.setattr(collect.procnet, "holders_of", lambda inodes, fds=True: {})
     res = CliRunner().invoke(command.top, ["--snapshot", "--once", "--interval", "0.1",

@@ -32,7 +32,7 @@ from typing import Any
 from tcpwatch import procnet, schema
 from tcpwatch.aggregate import outcome_name
 from tcpwatch.classify import Causes, ended_cause, stuck_cause
-from tcpwatch.procnet import Each, TcpEntry, canonical
+from tcpwatch.procnet import Each, Tally, TcpEntry, canonical
 from tcpwatch.timefmt import rfc3339
 from tcpwatch.top import hostinfo
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, SockRef
@@ -202,14 +202,19 @@ class _HostView:
         self.ports = set(ports)
         # Looked up at call time (not bound as defaults) so tests can replace procnet's.
         if snapshot is None:
-            self._snapshot: Callable[[Each], list] = lambda each: procnet.snapshot(each=each)
-        else:  # a test's table: counted in one batch
-            self._snapshot = lambda each: each(snapshot())
+            self._snapshot: Callable[[Each | Tally], list] = (
+                lambda each: procnet.snapshot(each=each))
+        else:  # a test's table: counted in one batch, as the /proc text would be
+            self._snapshot = lambda each: (each.take if isinstance(each, Tally) else each)(
+                snapshot())
         self._holders_of = holders_of or (lambda inodes: procnet.holders_of(inodes, fds=False))
         self.holders = HolderCache(lambda inodes: self._holders_of(inodes))
         self._cgroups: dict[int | None, str] = {}  # per frame: one /proc lookup per process
         self.clock = clock
-        self.first_seen: dict[int, float] = {}  # hostinfo.seen_key() -> monotonic seconds
+        # hostinfo.seen_key() -> first sight (monotonic seconds): FIN_WAIT2 sockets (the
+        # tally's), and the CLOSE_WAIT sockets shown from /proc alone (cw_socks())
+        self.first_seen: dict[int, float] = {}
+        self.cw_seen: dict[int, float] = {}
         self.started_s: float | None = None  # the first sample: nothing was watched before
         self.hostname = socket.gethostname()
 
@@ -228,7 +233,7 @@ class _HostView:
         self._cgroups.clear()
         tally = hostinfo.HostTally(hostinfo.read_port_range(), self.first_seen,
                                    self.clock() / 1e9)
-        entries = self._snapshot(tally.take)
+        entries = self._snapshot(tally)
         self.first_seen = tally.first_seen
         if self.started_s is None:
             self.started_s = tally.now_s
@@ -253,11 +258,13 @@ class _HostView:
     def cw_socks(self, entries: Iterable[TcpEntry], holders: dict, now_s: float,
                  listeners: dict, leak_after_s: float | None = None) -> list[CwSock]:
         """CLOSE_WAIT sockets known only from /proc (first-sight age, /proc-only cause).
+        Called once a frame: the first sightings of these sockets are kept for the next
+        (cw_seen), those of others forgotten.
 
         One loop for all of them: on a host with 100,000 such sockets this is most of a frame.
         leaked: age >= leak_after_s (never when None: the caller knows no better).
         """
-        first = self.first_seen.get
+        before, seen = self.cw_seen.get, {}
         cgroup_of, seen_key = self.cgroup_of, hostinfo.seen_key
         # Without a kernel owner the cause depends only on inode 0 and rx_queue: one
         # stuck_cause() call per distinct pair, not per socket.
@@ -277,9 +284,11 @@ class _HostView:
             if cause is None:
                 cause = causes[(inode == 0, rx_queue)] = stuck_cause(
                     inode=inode, rx_queue=rx_queue, holders=None, owner=None, eof_read=False)
-            age = now_s - first(seen_key(e), now_s)
+            key = seen_key(e)
+            age = now_s - seen.setdefault(key, before(key, now_s))
             append(CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age, 3),
                           e.unread, cause, not never and age >= leak_after_s))
+        self.cw_seen = seen
         return out
 
 
