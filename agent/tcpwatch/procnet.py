@@ -85,6 +85,14 @@ class TcpEntry(NamedTuple):
         return self[:6]  # the first six fields, in this order (a C-level slice)
 
 
+@lru_cache(maxsize=1)
+def port_ints() -> list[int]:
+    """One int object per port number, made once: p[port] is port. A computed port above
+    256 is a new 28-byte int each time; 100,000s of sockets hold the same few ports, and
+    share these instead."""
+    return list(range(65536))
+
+
 # A batch of entries in, the ones to keep out (procnet.snapshot(each=...)).
 Each = Callable[[list[TcpEntry]], list[TcpEntry]]
 
@@ -102,12 +110,13 @@ class Tally:
     def take(self, batch: list[TcpEntry]) -> list[TcpEntry]:
         raise NotImplementedError
 
-    def take_ids(self, netns: int, family: int, states: list[int], lports: list[int],
+    def take_ids(self, netns: int, family: int, states: bytes, lports: list[int],
                  ids: list[bytes]) -> None:
-        """Sockets of one namespace and family (4 or 6), in states outside `keep`. ids: the
-        kernel's struct inet_diag_sockid from idiag_dport on, 34 bytes: the remote port (big
-        endian), then the local and remote addresses (16 bytes each, IPv4 in the first 4);
-        sockdiag.id_texts() turns one into text."""
+        """Sockets of one namespace and family (4 or 6), in states outside `keep`: their
+        states (a byte each), local ports, and ids: the kernel's struct inet_diag_sockid
+        from idiag_dport on, 34 bytes: the remote port (big endian), then the local and
+        remote addresses (16 bytes each, IPv4 in the first 4); sockdiag.id_texts() turns
+        one into text."""
         raise NotImplementedError
 
 

@@ -308,8 +308,8 @@ def test_a_tally_gets_kept_states_whole_and_the_others_as_ids():
     assert kept == [entry(4, LO, 80, "10.0.0.9", 41000, 8, rx=2, inode=5),
                     entry(4, "0.0.0.0", 80, "0.0.0.0", 0, 10, inode=4)]
     (ns4, fam4, states4, lports4, ids4), (ns6, fam6, states6, lports6, ids6) = tally.ids
-    assert (ns4, fam4, states4, lports4) == (NS, 4, [5], [40000])
-    assert (ns6, fam6, states6, lports6) == (NS, 6, [6], [40001])
+    assert (ns4, fam4, states4, lports4) == (NS, 4, bytes([5]), [40000])
+    assert (ns6, fam6, states6, lports6) == (NS, 6, bytes([6]), [40001])
     assert sockdiag.id_texts(4, ids4[0]) == ("10.0.0.1", "10.0.0.9", 5432)
     assert sockdiag.id_texts(6, ids6[0]) == ("2001:db8::1", "2001:db8::9", 443)
     # One buffer mixing families (a dump asks for one) is given whole.

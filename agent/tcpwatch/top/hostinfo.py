@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import compress, repeat
 
 from tcpwatch import schema
 from tcpwatch.procnet import Tally, TcpEntry, canonical
@@ -118,8 +119,15 @@ def seen_key(e: TcpEntry) -> int:
     return hash(e[:6])
 
 
+# bytes.translate tables over TCP states: FIN_WAIT2 -> 1; a state that holds its own
+# local port -> 1 (the others -> 0)
+_IS_FIN_WAIT2 = bytes(int(s == FIN_WAIT2) for s in range(256))
+_HOLDING = bytes(int(s not in _NOT_HOLDING) for s in range(256))
+
+
 def seen_id_key(netns: int, family: int, lport: int, sock_id: bytes) -> int:
-    """seen_key() of a socket given to Tally.take_ids() (HostTally inlines it): stable from
+    """seen_key() of a socket given to Tally.take_ids() (HostTally hashes the same tuples in
+    bulk): stable from
     frame to frame, but not equal to seen_key() of the socket's TcpEntry, so a namespace
     read through sock_diag one frame and from the /proc text the next (a fallback) would
     start its FIN_WAIT2 sockets' first sightings over."""
@@ -205,35 +213,49 @@ class HostTally(Tally):
                     group.add(lport)
         return keep
 
-    def take_ids(self, netns: int, family: int, states: list[int], lports: list[int],
+    def take_ids(self, netns: int, family: int, states: bytes, lports: list[int],
                  ids: list[bytes]) -> None:
         """Count sockets in states outside `keep` from their netlink records, as take()
-        would count their TcpEntry (see procnet.Tally.take_ids)."""
+        would count their TcpEntry (see procnet.Tally.take_ids). In bulk: a datagram's
+        sockets at a time through C-level counting, selection and dict updates."""
         counts = self.states
         for state, n in Counter(states).items():
             counts[state] = counts.get(state, 0) + n
+        if FIN_WAIT2 in states:
+            self._fin_wait2_ids_take(netns, family, states, lports, ids)
         lo, hi = self.port_range
-        seen, before, now = self.first_seen, self._before, self.now_s
-        ports, held, fw2 = self._ports, self._held_ids, self._fin_wait2_ids
-        not_holding = _NOT_HOLDING
-        for state, lport, sid in zip(states, lports, ids):
-            if state == FIN_WAIT2:
-                key = hash((netns, family, lport, sid))  # seen_id_key(), inline
-                first = seen[key] = before(key, now)
-                peer = fw2.get((family, sid))
-                if peer is None:
-                    fw2[(family, sid)] = [1, first]
-                else:
-                    peer[0] += 1
-                    if first < peer[1]:
-                        peer[1] = first
-            if lo <= lport <= hi and state not in not_holding:
+        ports, held = self._ports, self._held_ids
+        for sid, lport in zip(compress(ids, states.translate(_HOLDING)),
+                              compress(lports, states.translate(_HOLDING))):
+            if lo <= lport <= hi:
                 ports.add(lport)
                 group = held.get((netns, family, sid))
                 if group is None:
                     held[(netns, family, sid)] = {lport}
                 else:
                     group.add(lport)
+
+    def _fin_wait2_ids_take(self, netns: int, family: int, states: bytes, lports: list[int],
+                            ids: list[bytes]) -> None:
+        """take_ids()'s FIN_WAIT2 sockets: first sightings, counts and the oldest per id
+        (remote endpoint and local address)."""
+        fin_wait2 = states.translate(_IS_FIN_WAIT2)
+        fw_ids = list(compress(ids, fin_wait2))
+        keys = list(map(hash, zip(repeat(netns), repeat(family), compress(lports, fin_wait2),
+                                  fw_ids)))  # seen_id_key() of each
+        firsts = list(map(self._before, keys, repeat(self.now_s)))
+        self.first_seen.update(zip(keys, firsts))
+        fw2 = self._fin_wait2_ids
+        for sid, n in Counter(fw_ids).items():
+            peer = fw2.get((family, sid))
+            if peer is None:
+                fw2[(family, sid)] = [n, self.now_s]
+            else:
+                peer[0] += n
+        for sid, first in set(zip(fw_ids, firsts)):  # first sightings are few distinct times
+            peer = fw2[(family, sid)]
+            if first < peer[1]:
+                peer[1] = first
 
     def _held_texts(self) -> Iterator[tuple[tuple[int, str, str, int], set[int]]]:
         """((netns, laddr, raddr, rport), local ports) from take() and take_ids() alike."""
