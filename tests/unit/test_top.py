@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import doctest
 import socket
+import struct
 import time
 from array import array
 
@@ -19,7 +20,7 @@ import goldens
 import orjson
 import pytest
 from click.testing import CliRunner
-from streams import NETNS, SEC, Entry, Holder, Proc, at, const, life, merge, step
+from streams import NETNS, SEC, Entry, Holder, Proc, at, const, flags, life, merge, step
 from test_sockdiag import AF4, AF6, FakeNetlink, diag, done
 
 from tcpwatch import schema, sockdiag
@@ -464,17 +465,20 @@ class FakeMapSource(FakeSource):
                                    flags=ev["flags"] | self.cw[sk]["flags"])
         self.batches = [[schema.encode(ev) for ev in exits]]
         fam = {4: socket.AF_INET, 6: socket.AF_INET6}
-        self.rows = [
-            (sk, lay.struct.unpack(lay.struct.pack(
+        self.rows = {
+            sk: lay.struct.pack(
                 ev["ts_ns"], 0, socket.inet_pton(fam[ev["family"]], ev["laddr"]).ljust(16, b"\0"),
                 socket.inet_pton(fam[ev["family"]], ev["raddr"]).ljust(16, b"\0"), ev["pid"],
                 ev["tid"], ev["netns"], fam[ev["family"]], ev["lport"], ev["rport"],
-                ev["flags"] & 0xFF, 0, ev["comm"].encode())))
+                ev["flags"] & 0xFF, 0, ev["comm"].encode())
             for sk, ev in self.cw.items()
-        ]
+        }
 
-    def read_cw(self) -> list[tuple[int, tuple]]:
-        return [r for r in self.rows if r[0] not in self.forgotten]
+    def read_cw_chunks(self) -> list[tuple[bytes, bytes]]:
+        """As loader.KernelSource: the sk addresses and the values, in batches of 2."""
+        rows = [(sk, raw) for sk, raw in self.rows.items() if sk not in self.forgotten]
+        return [(b"".join(struct.pack("=Q", sk) for sk, _ in rows[i:i + 2]),
+                 b"".join(raw for _, raw in rows[i:i + 2])) for i in range(0, len(rows), 2)]
 
     def forget_cw(self, sks: list[int]) -> None:
         self.forgotten += sks
@@ -523,6 +527,188 @@ def test_kernel_map_mode_gives_the_same_sample_as_the_event_stream():
     assert len(kernel.entered) == 3  # the stale one entered before the window
     assert kernel.host.lost == events.host.lost == 2
     assert source.forgotten == [SK + 192]
+
+
+class World:
+    """The kernel's `cw` map, /proc's CLOSE_WAIT and LISTEN sockets, their holders and the
+    processes' cgroups, changed at random between frames (CacheWorld.change)."""
+
+    LISTENER = 9000  # inode of the listener on 8080, held by SERVER
+
+    def __init__(self, rng) -> None:
+        self.rng = rng
+        self.socks: dict[int, dict] = {}  # sk -> the socket (in_map / in_proc say where)
+        self.scan: dict[int, tuple] = {self.LISTENER: (Holder(812, "server", None),)}
+        self.cgroups = {812: "/a", 813: "/b", 900: "/c"}
+        self.next_sk, self.next_inode, self.next_port = SK, 20000, 41000
+        self.clock = Clock(0.0)
+
+    def add(self, **extra) -> int:
+        sk, self.next_sk = self.next_sk, self.next_sk + 64
+        self.next_port += 1
+        sock = dict(ts=self.clock.t, laddr="10.0.0.1", lport=8080,
+                    raddr=self.rng.choice(["10.0.0.2", "10.0.0.3"]), rport=self.next_port,
+                    netns=self.rng.choice([NETNS, NETNS, 0]), proc_netns=NETNS,
+                    pid=812, tid=812, comm="server", flags=flags("OWNER"), inode=0, rx=1,
+                    in_map=True, in_proc=True)
+        sock.update(extra)
+        if self.rng.random() < 0.7:
+            self.accept(sock)
+        self.socks[sk] = sock
+        return sk
+
+    def accept(self, sock: dict) -> None:
+        sock["inode"], self.next_inode = self.next_inode, self.next_inode + 1
+        who = self.rng.choice([Holder(812, "server", None), Holder(813, "worker", None)])
+        self.scan = {**self.scan, sock["inode"]: (who,)}
+
+    def change(self) -> str:
+        """One random change; its name."""
+        rng, live = self.rng, [s for s in self.socks.values() if s["in_map"] and s["in_proc"]]
+        what = rng.choice(["new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
+                           "reuse", "missed_exit", "cgroup", "twin", "nothing"])
+        sock = rng.choice(live) if live else None
+        if what == "new" or sock is None:
+            self.add()
+            return "new"
+        if what == "owner":
+            sock.update(pid=900, tid=901, comm="api", flags=flags("OWNER"))
+        elif what == "eof":
+            sock["flags"] |= flags("EOF_READ")
+        elif what == "rx":
+            sock["rx"] = rng.choice([0, 1, 7, 300, 5000])
+        elif what == "accept":
+            self.accept(sock)
+        elif what == "holder" and sock["inode"]:
+            self.scan = {**self.scan, sock["inode"]: (Holder(813, "worker", None),
+                                                      Holder(812, "server", None))}
+        elif what == "rescan":  # a new scan finding the same: new, equal objects
+            self.scan = {i: tuple(Holder(*h) for h in held) for i, held in self.scan.items()}
+        elif what == "close":
+            sock.update(in_map=False, in_proc=False)
+        elif what == "reuse":  # a closed socket's address taken by a new one
+            old = next((sk for sk, s in self.socks.items() if not s["in_map"]), None)
+            if old is not None:
+                self.socks[old] = dict(self.socks[self.add()])
+                del self.socks[self.next_sk - 64]
+        elif what == "missed_exit":  # gone from /proc, the map still has it: stale in 1 s
+            sock["in_proc"] = False
+        elif what == "cgroup":
+            self.cgroups[rng.choice([812, 813, 900])] = rng.choice(["/a", "/x", "/y"])
+        elif what == "twin":  # the same 4-tuple in another namespace, tracked or not
+            twin = dict(sock, proc_netns=NETNS + 1, inode=0)
+            twin["netns"] = rng.choice([NETNS + 1, NETNS + 1, 0])
+            self.socks[self.next_sk] = twin
+            self.next_sk += 64
+            twin["in_map"] = rng.random() < 0.5
+        return what
+
+    def table(self) -> list:
+        rows = [Entry(NETNS, 4, "0.0.0.0", 8080, "0.0.0.0", 0, state=10, inode=self.LISTENER)]
+        rows += [Entry(s["proc_netns"], 4, s["laddr"], s["lport"], s["raddr"], s["rport"],
+                       rx_queue=s["rx"], inode=s["inode"])
+                 for s in self.socks.values() if s["in_proc"]]
+        return rows
+
+    def cw_values(self) -> list[tuple[int, bytes]]:
+        lay = schema.layout_of("tw_cw")
+        return [(sk, lay.struct.pack(
+            s["ts"], 0, socket.inet_aton(s["laddr"]).ljust(16, b"\0"),
+            socket.inet_aton(s["raddr"]).ljust(16, b"\0"), s["pid"], s["tid"], s["netns"],
+            socket.AF_INET, s["lport"], s["rport"], s["flags"], 0, s["comm"].encode()))
+            for sk, s in self.socks.items() if s["in_map"]]
+
+
+class WorldSource(FakeMapSource):
+    """A `cw` map read from a World; forget_cw() drops entries from it (or only counts)."""
+
+    def __init__(self, world: World, forgets: bool) -> None:
+        super().__init__([])
+        self.world, self.forgets = world, forgets
+
+    def read_cw_chunks(self) -> list[tuple[bytes, bytes]]:
+        rows = self.world.cw_values()
+        return [(b"".join(struct.pack("=Q", sk) for sk, _ in rows[i:i + 3]),
+                 b"".join(raw for _, raw in rows[i:i + 3])) for i in range(0, len(rows), 3)]
+
+    def forget_cw(self, sks: list[int]) -> None:
+        self.forgotten += sks
+        if self.forgets:
+            for sk in sks:
+                self.world.socks[sk]["in_map"] = False
+
+
+def world_collector(world: World, forgets: bool) -> collect.KernelCollector:
+    col = collect.KernelCollector(WorldSource(world, forgets), {}, window_s=10.0,
+                                  leak_after_s=3.0, snapshot=world.table, clock=world.clock,
+                                  cw_map=True)
+
+    class Scans:  # the holder scan is the world's: the same dict until it rescans
+        def get(self, inodes):
+            return world.scan
+
+    col.view.holders = Scans()
+    return col
+
+
+def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypatch):
+    """A collector that keeps its CwSocks from frame to frame shows, after every change,
+    the sockets a new collector makes from scratch: owners, EOF, receive queues, accepts,
+    holders (changed, or rescanned alike), closes, reused sk addresses, missed exits, cgroups,
+    one 4-tuple in two namespaces, ages and leaks as time passes."""
+    import random
+
+    rng = random.Random(7)
+    world = World(rng)
+    monkeypatch.setattr(hostinfo, "cgroup_of", lambda pid, proc_root="/proc":
+                        world.cgroups.get(pid, "?"))
+    for _ in range(12):
+        world.add()
+    kept = world_collector(world, forgets=True)
+    made = []
+    real_make = collect.KernelCollector._make
+
+    def counting_make(self, *args):
+        if self is kept:
+            made.append(1)
+        return real_make(self, *args)
+
+    monkeypatch.setattr(collect.KernelCollector, "_make", counting_make)
+    shown = 0
+    seen_changes = set()
+    for step_no in range(400):
+        seen_changes.add(world.change())
+        if rng.random() < 0.5:
+            seen_changes.add(world.change())
+        world.clock.t += int(rng.choice([0.3, 0.7, 1.5]) * SEC)
+        fresh = world_collector(world, forgets=False)
+        fresh.view.cw_seen = dict(kept.view.cw_seen)  # the same first sightings
+        want = fresh.sample().sockets
+        got = kept.sample().sockets
+        assert got == want, f"step {step_no}"
+        # what it keeps is what the map has now (closed and forgotten sockets let go)
+        assert set(kept._known) == {sk for sk, s in world.socks.items() if s["in_map"]}
+        shown += len(got)
+    assert seen_changes >= {"new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
+                            "reuse", "missed_exit", "cgroup", "twin"}
+    assert kept.source.forgotten  # missed exits were forgotten
+    # most sockets were kept, not made again (never-accepted ones, a third of the new ones,
+    # are always made again)
+    assert shown > 10000 and len(made) < shown / 3, (shown, len(made))
+
+
+def test_age_seconds_is_round_to_the_millisecond():
+    import random
+
+    rng = random.Random(3)
+    values = [0, 1, 499_999, 500_000, 500_001, 1_500_000, 2_500_000, -1, -500_000, -2_500_000,
+              1 << 62, (1 << 62) + 500_000, 10**18 + 1_500_000]
+    values += [rng.randrange(-10**9, 10**13) for _ in range(20000)]
+    values += [rng.randrange(10**6) * 10**6 + 500_000 + rng.randrange(-1500, 1500)
+               for _ in range(20000)]  # around ties
+    for ns in values:
+        got, want = collect.age_seconds(ns), round(ns / 1e9, 3)
+        assert got == want and str(got) == str(want), ns  # -0.0 stays -0.0
 
 
 def test_a_full_cw_map_is_reported_in_the_header():
@@ -668,6 +854,23 @@ def test_holder_scans_are_reused_in_proportion_to_their_cost_and_slow_ones_run_a
     assert time.monotonic() - t0 < 0.1
     cache._worker.join(5)
     assert cache.get({7, 8}) == {7: ["second"], 8: ["new"]} and calls[1] == {7, 8}
+
+
+def test_holder_inodes_are_worked_out_only_when_a_scan_is_due():
+    from tcpwatch.top.collect import HolderCache
+
+    asked = []
+
+    def inodes():
+        asked.append(1)
+        return {7}
+
+    cache = HolderCache(lambda wanted: {i: ["x"] for i in wanted})
+    assert cache.get(inodes) == {7: ["x"]} and len(asked) == 1  # the first scan: due
+    cache._cost, cache._at = 1.0, time.monotonic()  # as if it had cost 1 s just now
+    assert cache.get(inodes) == {7: ["x"]} and len(asked) == 1  # reused: not worked out
+    cache._at -= 20.0
+    assert cache.get(lambda: set()) == {}  # due, nothing to look for
 
 
 def test_cheap_holder_scans_happen_every_frame():
