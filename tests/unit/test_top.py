@@ -651,13 +651,20 @@ def world_collector(world: World, forgets: bool) -> collect.KernelCollector:
     return col
 
 
-def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypatch):
+@pytest.mark.parametrize("colliding", [False, True])
+def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypatch,
+                                                                        colliding):
     """A collector that keeps its CwSocks from frame to frame shows, after every change,
     the sockets a new collector makes from scratch: owners, EOF, receive queues, accepts,
     holders (changed, or rescanned alike), closes, reused sk addresses, missed exits, cgroups,
-    one 4-tuple in two namespaces, ages and leaks as time passes."""
+    one 4-tuple in two namespaces, ages and leaks as time passes. (colliding: the /proc
+    index's 4-tuple hashes fall in 3 values.)"""
+    import builtins
     import random
 
+    if colliding:
+        monkeypatch.setattr(collect, "hash", lambda x: builtins.hash(x) % 3 if isinstance(
+            x, tuple) else builtins.hash(x), raising=False)
     rng = random.Random(7)
     world = World(rng)
     monkeypatch.setattr(hostinfo, "cgroup_of", lambda pid, proc_root="/proc":
@@ -695,6 +702,31 @@ def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypa
     # most sockets were kept, not made again (never-accepted ones, a third of the new ones,
     # are always made again)
     assert shown > 10000 and len(made) < shown / 3, (shown, len(made))
+
+
+@pytest.mark.parametrize("degenerate", [None, lambda h: 7, lambda h: h % 3])
+def test_proc_index_finds_by_key_and_namespace_whatever_the_hashes(monkeypatch, degenerate):
+    """The /proc index is keyed by hash: with every key colliding (or a third of them), it
+    finds what it finds with real hashes, and marks the same entries."""
+    import builtins
+
+    if degenerate is not None:
+        monkeypatch.setattr(collect, "hash", lambda x: degenerate(builtins.hash(x)),
+                            raising=False)
+    other = NETNS + 1
+    cw = [Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 41000 + i, inode=i + 1)
+          for i in range(6)]
+    cw += [Entry(other, 4, "10.0.0.1", 8080, "10.0.0.2", 41000, inode=50),  # a twin
+           Entry(NETNS, 6, "::ffff:10.0.0.1", 8080, "::ffff:10.0.0.9", 42000, inode=60)]
+    index = collect._ProcIndex(cw)
+    find = index.find
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41003), NETNS) is cw[3]
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41003), other) is None  # wrong namespace
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41000), other) is cw[6]  # the twin
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41000), 0) is cw[0]  # any: the first
+    assert find(("10.0.0.1", 8080, "10.0.0.9", 42000), 0) is cw[7]  # canonical
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 49999), 0) is None
+    assert index.unused() == [cw[1], cw[2], cw[4], cw[5]]
 
 
 def test_age_seconds_is_round_to_the_millisecond():

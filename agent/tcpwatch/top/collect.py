@@ -69,56 +69,71 @@ class _ProcIndex:
     A miss is looked up again by canonical 4-tuple (an index built on the first miss), so an
     IPv4 key still finds a dual-stack socket listed as ::ffff:a.b.c.d and vice versa. One
     4-tuple may be in several namespaces: the socket's own netns decides (0: the first).
-    Entries found are marked (a byte each, not a set of 100,000 ids): unused() is the rest.
+    The dict is keyed by the 4-tuple's hash, an int (looking 100,000 sockets up by tuple
+    took 3 times as long), and the entry found is checked field by field. Entries found
+    are marked (a byte each, not a set of 100,000 ids): unused() is the rest.
     """
 
     def __init__(self, cw: list[TcpEntry]) -> None:
-        self._cw = cw
-        self._exact: dict[tuple, int] | None = None  # key -> position in cw, on first find
-        self._more: dict[tuple, list[int]] = {}  # keys held by more than one entry
+        self.cw = cw
+        self._exact: dict[int, int] | None = None  # hash(key) -> position, on first find
+        self.more: dict[int, list[int]] = {}  # hashes of more than one entry
         self._canonical: dict[tuple, list[int]] | None = None
-        self._used = bytearray(len(cw))
+        self.used = bytearray(len(cw))
 
-    def _build(self) -> dict[tuple, int]:
-        exact: dict[tuple, int] = {}
-        more = self._more
-        for i, e in enumerate(self._cw):
-            key = (e[2], e[3], e[4], e[5])
-            first = exact.setdefault(key, i)
-            if first != i:
-                more.setdefault(key, [first]).append(i)
-        self._exact = exact
-        return exact
+    def exact(self) -> dict[int, int]:
+        """hash(key) -> the position of the one entry with that hash (see `more`)."""
+        if self._exact is None:
+            exact: dict[int, int] = {}
+            more = self.more
+            for i, e in enumerate(self.cw):
+                h = hash((e[2], e[3], e[4], e[5]))
+                first = exact.setdefault(h, i)
+                if first != i:
+                    more.setdefault(h, [first]).append(i)
+            self._exact = exact
+        return self._exact
 
     def find(self, key: tuple, netns: int) -> TcpEntry | None:
         """The entry of a tracked socket: key (laddr, lport, raddr, rport)."""
-        exact = self._exact if self._exact is not None else self._build()
-        i = exact.get(key)
-        if i is not None and key not in self._more:
-            e = self._cw[i]
-            if netns and netns != e.netns:
-                return None
-        else:
-            if i is None:
-                if self._canonical is None:
-                    self._canonical = {}
-                    for j, c in enumerate(self._cw):
-                        self._canonical.setdefault(_tuple4(c[2], c[3], c[4], c[5]), []).append(j)
-                cands = self._canonical.get(_tuple4(*key), ())
-            else:
-                cands = self._more[key]
-            i = next((j for j in cands if not netns or netns == self._cw[j].netns), None)
-            if i is None:
-                return None
-            e = self._cw[i]
-        self._used[i] = 1
-        return e
+        exact, cw = self.exact(), self.cw
+        h = hash(key)
+        i = exact.get(h)
+        if i is None:
+            return self._found(self._by_canonical(key), netns)
+        if not self.more or h not in self.more:
+            e = cw[i]
+            if e[3] == key[1] and e[5] == key[3] and e[2] == key[0] and e[4] == key[2]:
+                if netns and netns != e[0]:
+                    return None
+                self.used[i] = 1
+                return e
+            return self._found(self._by_canonical(key), netns)  # only its hash was the same
+        # several entries with this hash: those with this very key (one per namespace), or
+        # none (a collision of hashes alone)
+        alike = [j for j in self.more[h] if cw[j][2:6] == key]
+        return self._found(alike if alike else self._by_canonical(key), netns)
+
+    def _by_canonical(self, key: tuple) -> Sequence[int]:
+        if self._canonical is None:
+            self._canonical = {}
+            for j, c in enumerate(self.cw):
+                self._canonical.setdefault(_tuple4(c[2], c[3], c[4], c[5]), []).append(j)
+        return self._canonical.get(_tuple4(*key), ())
+
+    def _found(self, cands: Iterable[int], netns: int) -> TcpEntry | None:
+        """The first of these positions in the namespace (any, for netns 0), marked."""
+        i = next((j for j in cands if not netns or netns == self.cw[j][0]), None)
+        if i is None:
+            return None
+        self.used[i] = 1
+        return self.cw[i]
 
     def unused(self) -> list[TcpEntry]:
         """The entries find() never returned, in order."""
-        if 0 not in self._used:
+        if 0 not in self.used:
             return []
-        return list(compress(self._cw, self._used.translate(_NOT)))
+        return list(compress(self.cw, self.used.translate(_NOT)))
 
 
 _NOT = bytes([1]) + bytes(255)  # bytes.translate table: 0 -> 1, anything else -> 0
@@ -161,15 +176,20 @@ class _Known:
     """A socket in the `cw` map as the last frame showed it: its CwSock and what it was
     made from. h: the hash of the map entry's bytes (an int instead of the ~120-byte value
     per socket; a changed entry goes unnoticed with odds of ~1 in 2**64, as with seen_key());
-    laddr and netns: the rest of its /proc key; inode and rx_queue: those of its accepted
-    /proc entry (None: not found, or not accepted); held: its holders."""
+    laddr, netns, owner, eof_read: what the entry says (the ports and the peer are the
+    CwSock's); inode and rx_queue: those of its accepted /proc entry (None: not found, or
+    not accepted); held: its holders."""
 
-    __slots__ = ("h", "laddr", "netns", "inode", "rx_queue", "held", "sock", "frame")
+    __slots__ = ("h", "laddr", "netns", "owner", "eof_read", "inode", "rx_queue", "held",
+                 "sock", "frame")
 
-    def __init__(self, h: int, laddr: str, netns: int, inode: int | None,
-                 rx_queue: int | None, held: Sequence, sock: CwSock, frame: int) -> None:
-        self.h, self.laddr, self.netns, self.inode = h, laddr, netns, inode
-        self.rx_queue, self.held, self.sock = rx_queue, held, sock
+    def __init__(self, h: int, facts: tuple, e: TcpEntry | None, held: Sequence,
+                 sock: CwSock, frame: int) -> None:
+        self.h, self.held, self.sock = h, held, sock
+        (_, self.laddr, _, _, _), self.netns, _, self.owner, self.eof_read = facts
+        accepted = e is not None and e.inode != 0
+        self.inode = e.inode if accepted else None
+        self.rx_queue = e.rx_queue if accepted else None
         self.frame = frame  # the last frame that saw it in the map (a byte: wraps)
 
 
@@ -671,15 +691,17 @@ class KernelCollector:
         return decode
 
     def _make(self, f: _Frame, tup: tuple, since_ns: int, owner: Any, eof_read: bool,
-              e: TcpEntry | None) -> tuple[CwSock, Sequence]:
+              e: TcpEntry | None, held: Sequence | None = None) -> tuple[CwSock, Sequence]:
         """A tracked socket's CwSock from its facts and its /proc entry (None: not found),
-        and the holders its cause was told from."""
+        and the holders its cause was told from (held: those, if already looked up)."""
         if e is None:
             inode = rx_queue = unread = None
-            held: Sequence = ()
+            held = ()
         else:
-            inode, rx_queue, unread = e.inode, e.rx_queue, e.unread
-            held = f.holders.get(inode, ()) if inode else ()
+            inode, rx_queue = e[10], e[8]
+            unread = rx_queue - 1 if rx_queue > 0 else rx_queue  # TcpEntry.unread in CW
+            if held is None:
+                held = f.holders.get(inode, ()) if inode else ()
         seen = (owner.pid, owner.how) if owner is not None else None
         key = (e is None, inode == 0, rx_queue,
                held if held.__class__ is tuple else tuple(held), seen, eof_read)
@@ -709,7 +731,8 @@ class KernelCollector:
         A socket whose map entry is the same bytes as last frame, whose /proc entry is still
         accepted with the same inode and receive queue and whose holders are the same keeps
         its CwSock (_Known): only its age, leak flag and cgroup are brought up to date. Any
-        other is decoded and made again. An entry older than a second whose socket /proc no
+        other is made again (from the facts kept, if its map entry is the same; decoded
+        otherwise). An entry older than a second whose socket /proc no
         longer shows in CLOSE_WAIT is forgotten: its exit was never seen (a transition the
         kernel skipped our program for). A younger one may have entered after /proc was
         read."""
@@ -719,6 +742,8 @@ class KernelCollector:
         frame = self._frame = (self._frame + 1) & 0xFF
         seen = 0
         find, holders, add = f.index.find, f.holders, f.add
+        exact_get = f.index.exact().get if known else None
+        more, cw, used = f.index.more, f.index.cw, f.index.used
         same_scan = holders is self._holders  # then an unchanged inode has the same holders
         cgroup_of, cgroups, decode = self.view.cgroup_of, {}, self._decoder()
         now_ns, leak_ns = f.now_ns, self.agg.leak_after_ns
@@ -730,18 +755,25 @@ class KernelCollector:
                 raw = values[off:off + size]
                 h = hash(raw)
                 k = known.get(sk)
-                if k is not None and k.h == h:
+                if k is not None and k.h == h:  # the same entry: its facts stand
                     s = k.sock
-                    e = find((k.laddr, s.lport, s.raddr, s.rport), k.netns)
+                    key = (k.laddr, s.lport, s.raddr, s.rport)
+                    since_ns = since_of(values, off)[0]
+                    # find(), inline for an entry alone with its hash (nearly all)
+                    kh = hash(key)
+                    i = exact_get(kh)
+                    e = cw[i] if i is not None and (not more or kh not in more) else None
+                    if (e is not None and e[3] is key[1] and e[5] is key[3]
+                            and e[2] == key[0] and e[4] == key[2]
+                            and (not k.netns or k.netns == e[0])):
+                        used[i] = 1
+                    else:
+                        e = find(key, k.netns)
+                    held = None
                     if e is not None and e[8] == k.rx_queue and e[10] == k.inode:
-                        if not same_scan:
-                            held = holders.get(k.inode, ())
-                            if held is not k.held and held != k.held:
-                                k = None  # held by others now: made again below
-                            else:
-                                k.held = held  # a new scan's equal tuple
-                        if k is not None:
-                            since_ns = since_of(values, off)[0]
+                        held = k.held if same_scan else holders.get(k.inode, ())
+                        if held is k.held or held == k.held:  # nothing changed: kept
+                            k.held = held  # (a new scan's equal tuple: compared by identity)
                             age_ns = now_ns - since_ns
                             s.age_s, s.leaked = age_seconds(age_ns), age_ns >= leak_ns
                             cgroup = cgroups.get(s.pid)
@@ -753,20 +785,19 @@ class KernelCollector:
                             seen += 1
                             add(s, since_ns)
                             continue
-                facts = decode(raw)
-                if facts is None:
-                    continue
-                tup, netns, since_ns, owner, eof_read = facts
-                e = find(tup[1:], netns)
-                if e is None and since_ns < now_ns - 1_000_000_000:
+                    facts = ((0, *key), k.netns, since_ns, k.owner, k.eof_read)
+                else:
+                    facts = decode(raw)
+                    if facts is None:
+                        continue
+                    e, held = find(facts[0][1:], facts[1]), None
+                if e is None and facts[2] < now_ns - 1_000_000_000:
                     stale.append(sk)
                     continue
-                s, held = self._make(f, tup, since_ns, owner, eof_read, e)
-                accepted = e is not None and e.inode != 0
-                known[sk] = _Known(h, tup[1], netns, e.inode if accepted else None,
-                                   e.rx_queue if accepted else None, held, s, frame)
+                s, held = self._make(f, facts[0], facts[2], facts[3], facts[4], e, held)
+                known[sk] = _Known(h, facts, e, held, s, frame)
                 seen += 1
-                add(s, since_ns)
+                add(s, facts[2])
         if seen < len(known):  # gone from the map (their exits are popped as they come)
             for sk in [sk for sk, k in known.items() if k.frame != frame]:
                 del known[sk]
