@@ -228,7 +228,6 @@ def _uniform(data: bytes | bytearray | memoryview, end: int) -> tuple[int, int]:
     return n, length
 
 
-
 def _count_others(data: bytes | bytearray | memoryview, offsets: list[int], step: int,
                   netns: int, tally: Tally) -> list[int]:
     """Give the messages at `offsets` whose state tally.keep does not hold to

@@ -127,10 +127,9 @@ _HOLDING = bytes(int(s not in _NOT_HOLDING) for s in range(256))
 
 def seen_id_key(netns: int, family: int, lport: int, sock_id: bytes) -> int:
     """seen_key() of a socket given to Tally.take_ids() (HostTally hashes the same tuples in
-    bulk): stable from
-    frame to frame, but not equal to seen_key() of the socket's TcpEntry, so a namespace
-    read through sock_diag one frame and from the /proc text the next (a fallback) would
-    start its FIN_WAIT2 sockets' first sightings over."""
+    bulk): stable from frame to frame, but not equal to seen_key() of the socket's
+    TcpEntry, so a namespace read through sock_diag one frame and from the /proc text the
+    next (a fallback) would start its FIN_WAIT2 sockets' first sightings over."""
     return hash((netns, family, lport, sock_id))
 
 
@@ -225,8 +224,8 @@ class HostTally(Tally):
             self._fin_wait2_ids_take(netns, family, states, lports, ids)
         lo, hi = self.port_range
         ports, held = self._ports, self._held_ids
-        for sid, lport in zip(compress(ids, states.translate(_HOLDING)),
-                              compress(lports, states.translate(_HOLDING))):
+        holding = states.translate(_HOLDING)
+        for sid, lport in zip(compress(ids, holding), compress(lports, holding)):
             if lo <= lport <= hi:
                 ports.add(lport)
                 group = held.get((netns, family, sid))
