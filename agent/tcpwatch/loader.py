@@ -639,10 +639,16 @@ class KernelSource:
         ctypes object each. Falls back to bcc's per-key iteration on older kernels.
         """
         lay = schema.layout_of("tw_cw")
-        for keys, values in _map_chunks(self.bpf["cw"], 8, lay.size):
+        for keys, values in self.read_cw_chunks():
             for (sk,), value in zip(struct.iter_unpack("=Q", keys),
                                     lay.struct.iter_unpack(values)):
                 yield sk, value
+
+    def read_cw_chunks(self) -> Iterator[tuple[bytes, bytes]]:
+        """The `cw` map as read_cw() reads it, undecoded: (keys, values) per batch, the
+        sk addresses (8 bytes each) and the struct tw_cw values back to back. top compares
+        a socket's value bytes with the last frame's before decoding anything."""
+        return _map_chunks(self.bpf["cw"], 8, schema.layout_of("tw_cw").size)
 
     def forget_cw(self, sks: list[int]) -> None:
         """Drop entries userspace found stale (the socket is no longer in CLOSE_WAIT: its exit

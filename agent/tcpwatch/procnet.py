@@ -85,8 +85,39 @@ class TcpEntry(NamedTuple):
         return self[:6]  # the first six fields, in this order (a C-level slice)
 
 
+@lru_cache(maxsize=1)
+def port_ints() -> list[int]:
+    """One int object per port number, made once: p[port] is port. A computed port above
+    256 is a new 28-byte int each time; 100,000s of sockets hold the same few ports, and
+    share these instead."""
+    return list(range(65536))
+
+
 # A batch of entries in, the ones to keep out (procnet.snapshot(each=...)).
 Each = Callable[[list[TcpEntry]], list[TcpEntry]]
+
+
+class Tally:
+    """Something that counts every socket of a snapshot and keeps few (top's header):
+    snapshot(each=tally). Sockets in `keep` states come as TcpEntry batches to take(), which
+    returns those to keep. Through sock_diag every other socket comes to take_ids() as its
+    state, local port and raw id only: no TcpEntry is built for the 100,000s a big host may
+    have in FIN_WAIT2 or TIME_WAIT. From the /proc text, take() gets every entry.
+    """
+
+    keep: frozenset[int] = frozenset()
+
+    def take(self, batch: list[TcpEntry]) -> list[TcpEntry]:
+        raise NotImplementedError
+
+    def take_ids(self, netns: int, family: int, states: bytes, lports: list[int],
+                 ids: list[bytes]) -> None:
+        """Sockets of one namespace and family (4 or 6), in states outside `keep`: their
+        states (a byte each), local ports, and ids: the kernel's struct inet_diag_sockid
+        from idiag_dport on, 34 bytes: the remote port (big endian), then the local and
+        remote addresses (16 bytes each, IPv4 in the first 4); sockdiag.id_texts() turns
+        one into text."""
+        raise NotImplementedError
 
 
 class Holder(NamedTuple):
@@ -375,7 +406,8 @@ def _socket_in(ns_fd: int, inode: int):  # -> socket.socket | None
 
 
 def _read_via_sock_diag(
-    ns: Namespace, proc_root: str, states: frozenset[int] | None, each: Each | None = None
+    ns: Namespace, proc_root: str, states: frozenset[int] | None,
+    each: Each | Tally | None = None,
 ) -> list[TcpEntry] | None:
     """The namespace's sockets through sock_diag; None if it cannot be read that way."""
     global _sock_diag_missing
@@ -403,12 +435,13 @@ def _read_via_sock_diag(
 
 def read_tcp(
     ns: Namespace, proc_root: str = "/proc", states: Iterable[int] | None = None,
-    each: Each | None = None,
+    each: Each | Tally | None = None,
 ) -> list[TcpEntry]:
     """The tcp and tcp6 tables of one namespace, tagged with its inode; [] if unreachable.
     Only the sockets in `states` (TCP state numbers, e.g. {8} for CLOSE_WAIT) if given.
     each: called on every batch of entries read (one netlink datagram, or the whole table
     from /proc); what it returns is kept instead (top counts and drops most sockets so).
+    A Tally is fed through its take() and take_ids() (see Tally).
 
     Tries sock_diag first (a netlink socket made in the namespace, entered through
     /proc/<pid>/ns/net or ns.path; states filtered in the kernel), then the text of
@@ -435,12 +468,14 @@ def read_tcp(
     entries = [*parse_tcp_table(v4, 4, ns.inode), *parse_tcp_table(v6, 6, ns.inode)]
     if wanted is not None:
         entries = [e for e in entries if e.state in wanted]
+    if isinstance(each, Tally):
+        return each.take(entries)
     return each(entries) if each is not None else entries
 
 
 def snapshot(
     states: set[int] | None = None, proc_root: str = "/proc", run_netns: str = "/run/netns",
-    each: Each | None = None,
+    each: Each | Tally | None = None,
 ) -> list[TcpEntry]:
     """All TCP sockets in every reachable namespace, only those in `states` if given
     (each: as in read_tcp).

@@ -281,6 +281,44 @@ def test_read_tcp_errors():
     assert exc.value.errno == errno.EMSGSIZE
 
 
+class Recorder(procnet.Tally):
+    """A Tally that keeps what it is given."""
+
+    keep = frozenset({8, 10})
+
+    def __init__(self) -> None:
+        self.batches: list[list[TcpEntry]] = []
+        self.ids: list[tuple] = []
+
+    def take(self, batch: list[TcpEntry]) -> list[TcpEntry]:
+        self.batches.append(batch)
+        return batch
+
+    def take_ids(self, netns, family, states, lports, ids) -> None:
+        self.ids.append((netns, family, states, lports, ids))
+
+
+def test_a_tally_gets_kept_states_whole_and_the_others_as_ids():
+    v4 = [diag(AF4, 8, LO, 80, "10.0.0.9", 41000, rq=2, inode=5)
+          + diag(AF4, 5, "10.0.0.1", 40000, "10.0.0.9", 5432)
+          + diag(AF4, 10, "0.0.0.0", 80, "0.0.0.0", 0, inode=4, attrs=SHUTDOWN), done()]
+    v6 = [diag(AF6, 6, "2001:db8::1", 40001, "2001:db8::9", 443) + done()]
+    tally = Recorder()
+    kept = sockdiag.read_tcp(FakeNetlink(v4, v6), NS, None, tally)
+    assert kept == [entry(4, LO, 80, "10.0.0.9", 41000, 8, rx=2, inode=5),
+                    entry(4, "0.0.0.0", 80, "0.0.0.0", 0, 10, inode=4)]
+    (ns4, fam4, states4, lports4, ids4), (ns6, fam6, states6, lports6, ids6) = tally.ids
+    assert (ns4, fam4, states4, lports4) == (NS, 4, bytes([5]), [40000])
+    assert (ns6, fam6, states6, lports6) == (NS, 6, bytes([6]), [40001])
+    assert sockdiag.id_texts(4, ids4[0]) == ("10.0.0.1", "10.0.0.9", 5432)
+    assert sockdiag.id_texts(6, ids6[0]) == ("2001:db8::1", "2001:db8::9", 443)
+    # One buffer mixing families (a dump asks for one) is given whole.
+    mixed = Recorder()
+    out: list[TcpEntry] = []
+    sockdiag.parse(v4[0] + v6[0], NS, out, None, mixed)
+    assert len(out) == 4 and mixed.ids == []
+
+
 # ---- procnet's side, without root -------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import doctest
 import socket
+import struct
 import time
 from array import array
 
@@ -19,9 +20,10 @@ import goldens
 import orjson
 import pytest
 from click.testing import CliRunner
-from streams import NETNS, SEC, Entry, Holder, Proc, at, const, life, merge, step
+from streams import NETNS, SEC, Entry, Holder, Proc, at, const, flags, life, merge, step
+from test_sockdiag import AF4, AF6, FakeNetlink, diag, done
 
-from tcpwatch import schema
+from tcpwatch import schema, sockdiag
 from tcpwatch.top import collect, command, hostinfo, model, view
 from tcpwatch.top.hostinfo import PeerWait, PortRisk
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, build_rows
@@ -118,6 +120,91 @@ def test_filters():
     assert [r.group for r in build_rows(s)] == ["nginx[777]"]
 
 
+def reference_rows(sample: Sample, by: str, sort: str) -> list[model.Row]:
+    """build_rows() as it was written first, one socket at a time: the oracle for the one
+    that leaves per-socket work to C."""
+    eph = sample.host.port_range
+    stuck: dict = {}
+    for s in sample.sockets:
+        stuck.setdefault(model.group_of(by, s, eph), []).append(s)
+    ended: dict = {}
+    for e in sample.ended:
+        ended.setdefault(model.group_of(by, e, eph), []).append(e)
+    entered: dict = {}
+    for e in sample.entered:
+        g = model.group_of(by, e, eph)
+        entered[g] = entered.get(g, 0) + e.count
+    rows = []
+    for g in sorted({*stuck, *ended, *entered}):
+        socks, gone = stuck.get(g, []), ended.get(g, [])
+        timed = [e for e in gone if e.duration_s is not None]
+        durations = [e.duration_s for e in timed] + [s.age_s for s in socks]
+        weights = ([e.count for e in timed] + [1] * len(socks)
+                   if any(e.count != 1 for e in timed) else None)
+        p50, p99 = model.percentiles(durations, (50, 99), weights)
+        causes: dict = {}
+        for c, n in ([(s.cause, 1) for s in socks] or [(e.cause, e.count) for e in gone]):
+            causes[c] = causes.get(c, 0) + n
+        who: dict = {}
+        for it in [*socks, *gone]:
+            if it.pid is not None:
+                who[(it.pid, it.comm)] = who.get((it.pid, it.comm), 0) + it.count
+        pid, comm = min(who, key=lambda k: (-who[k], k[0])) if who else (None, None)
+        rows.append(model.Row(
+            group=g, pid=pid, comm=comm, close_wait=len(socks),
+            oldest_age_s=round(max(s.age_s for s in socks), 3) if socks else None,
+            leaks=sum(s.leaked for s in socks),
+            new_per_s=round(entered.get(g, 0) / sample.window_s, 3) if sample.window_s else 0.0,
+            p50_s=model._r(p50), p99_s=model._r(p99),
+            unread_bytes=sum(s.unread or 0 for s in socks),
+            cause=model.dominant(s.cause for s in socks)
+            or model.dominant([e.cause for e in gone], [e.count for e in gone]),
+            causes=dict(sorted(causes.items())), closed=sum(e.count for e in gone),
+        ))
+    rows.sort(key=model._sort_key(sort))
+    return rows
+
+
+def random_sample(rng) -> Sample:
+    """Sockets, entries and exits drawn from small pools, so that groups collide: unknown
+    owners with and without comm, one pid under two comms, v4-mapped and plain addresses,
+    server and client sides, tied ages, unread None."""
+    pids = [(None, None), (None, "x"), (7, "a"), (7, "b"), (8, ""), (8, None), (9, "c")]
+    addrs = ["10.0.0.2", "::ffff:10.0.0.2", "2001:db8::1", "10.0.0.3"]
+    causes = ["eof_ignored", "not_reading", "held_elsewhere", "unknown", "not_accepted"]
+
+    def ref():
+        pid, comm = rng.choice(pids)
+        return (pid, comm, rng.choice(["/a", "/b", "?"]), rng.choice([80, 8080, 40001]),
+                rng.choice(addrs), rng.choice([443, 5432, 40002, 50003, 60999]))
+
+    socks = [CwSock(*ref(), rng.choice([1.5, 2.0, rng.random() * 100]),
+                    rng.choice([None, 0, 5, 1000]), rng.choice(causes), rng.random() < 0.3)
+             for _ in range(rng.randrange(0, 60))]
+    ended = [Ended(*ref(), rng.choice([None, 0.002, rng.random()]),
+                   rng.choice(["closed", "reset", "slow_close"]), rng.choice([1, 1, 3]))
+             for _ in range(rng.randrange(0, 20))]
+    entered = [Entered(*ref(), rng.choice([1, 2])) for _ in range(rng.randrange(0, 20))]
+    return Sample("kernel", rng.choice([0.0, 5.0, 10.0]), Host(port_range=(40000, 60000)),
+                  socks, entered, ended)
+
+
+def test_rows_are_those_of_the_socket_by_socket_oracle():
+    import random
+
+    rng = random.Random(4)
+    groups = set()
+    for _ in range(300):
+        s = random_sample(rng)
+        for by in model.GROUPINGS:
+            for sort in model.SORTS:
+                rows = build_rows(s, by, sort)
+                assert rows == reference_rows(s, by, sort)
+                groups.update(r.group for r in rows)
+    # the pools did make the collisions the merging is for
+    assert {"(unknown owner)", "?[8]", "a[7]", "b[7]", "10.0.0.2", "10.0.0.2:5432"} <= groups
+
+
 def test_percentile_nearest_rank():
     assert model.percentile([5.0], 99) == 5.0
     assert model.percentile(list(map(float, range(1, 101))), 99) == 99.0
@@ -205,8 +292,8 @@ def test_port_risk_and_fin_wait2_from_entries():
     assert tally.ephemeral_used() == 11
     assert tally.state_names() == {"ESTABLISHED": 5, "FIN_WAIT2": 1, "TIME_WAIT": 2,
                                    "CLOSE_WAIT": 3, "LISTEN": 1}
-    # first sightings carried over for FIN_WAIT2 and CLOSE_WAIT only, new ones from now
-    assert sorted(tally.first_seen.values()) == [100.0, 160.0, 160.0, 160.0]
+    # first sightings carried over for FIN_WAIT2 only (CLOSE_WAIT ones are the collector's)
+    assert list(tally.first_seen.values()) == [100.0]
 
 
 def test_tally_merges_one_endpoint_written_two_ways():
@@ -221,6 +308,69 @@ def test_tally_merges_one_endpoint_written_two_ways():
     assert (risk.laddr, risk.remote, risk.held) == ("10.0.0.1", "10.0.0.60:5432", 2)
     (peer,) = tally.fin_wait2()
     assert (peer.remote, peer.count, peer.oldest_s) == ("10.0.0.60:5432", 2, 0.0)
+
+
+def host_table(gone: int = 0, extra: int = 0) -> list[tuple]:
+    """(family, state, laddr, lport, raddr, rport, inode) of a varied host: FIN_WAIT2 to one
+    peer written as IPv4 and as v4-mapped IPv6, to an IPv6 peer, from two local addresses;
+    ports inside and outside the range; listeners, server children, TIME_WAIT, requests.
+    gone: FIN_WAIT2 sockets left out; extra: new ones added."""
+    rows = [(AF4, 10, "0.0.0.0", 8080, "0.0.0.0", 0, 900), (AF6, 10, "::", 8443, "::", 0, 901)]
+    rows += [(AF4, 8, "10.0.0.1", 8080, "10.0.0.2", 41000 + i, 1000 + i) for i in range(5)]
+    rows += [(AF4, 5, f"10.0.0.{1 + i % 2}", 40000 + i, "10.0.0.60", 5432, 0)
+             for i in range(gone, 30 + extra)]
+    rows += [(AF6, 5, "::ffff:10.0.0.1", 40100 + i, "::ffff:10.0.0.60", 5432, 0)
+             for i in range(4)]
+    rows += [(AF6, 5, "2001:db8::1", 50000 + i, "2001:db8::9", 443, 0) for i in range(3)]
+    rows += [(AF4, 1, "10.0.0.1", 40200 + i, "10.0.0.61", 6379, 2000 + i) for i in range(6)]
+    rows += [(AF4, 6, "10.0.0.1", 40300 + i, "10.0.0.60", 5432, 0) for i in range(2)]
+    rows += [(AF4, 3, "10.0.0.1", 8080, "10.0.0.3", 45000, 0),  # a request: no port of its own
+             (AF4, 1, "10.0.0.1", 20000, "10.0.0.62", 80, 3000)]  # below the range
+    return rows
+
+
+def feed_both(rows: list[tuple], first: tuple[dict, dict], now: float):
+    """Two tallies of one table: one fed TcpEntry (as from /proc text), one fed netlink
+    datagrams of 7 messages (as from sock_diag: take_ids() for what it does not keep)."""
+    fam = {AF4: 4, AF6: 6}
+    text = hostinfo.HostTally((40000, 60000), first[0], now)
+    kept_text = text.take([Entry(NETNS, fam[f], la, lp, ra, rp, state=st, inode=ino)
+                           for f, st, la, lp, ra, rp, ino in rows])
+    diag_tally = hostinfo.HostTally((40000, 60000), first[1], now)
+    replies = []
+    for f in (AF4, AF6):
+        msgs = [diag(f, st, la, lp, ra, rp, inode=ino) for ff, st, la, lp, ra, rp, ino in rows
+                if ff == f]
+        replies.append([b"".join(msgs[i:i + 7]) for i in range(0, len(msgs), 7)] + [done()])
+    kept_diag = sockdiag.read_tcp(FakeNetlink(*replies), NETNS, None, diag_tally)
+    return (text, kept_text), (diag_tally, kept_diag)
+
+
+def test_a_tally_fed_netlink_ids_gives_the_figures_of_one_fed_entries():
+    (text, kept_text), (raw, kept_raw) = feed_both(host_table(), ({}, {}), 100.0)
+    assert sorted(kept_raw) == sorted(kept_text) and len(kept_raw) == 7
+    assert raw.state_names() == text.state_names() == {
+        "ESTABLISHED": 7, "SYN_RECV": 1, "FIN_WAIT2": 37, "TIME_WAIT": 2, "CLOSE_WAIT": 5,
+        "LISTEN": 2}
+    risk = raw.port_risk(set())
+    assert risk == text.port_risk(set())
+    # the v4-mapped sockets to 10.0.0.60:5432 count with the IPv4 ones from 10.0.0.1
+    assert [(r.laddr, r.remote, r.held) for r in risk[:3]] == [
+        ("10.0.0.1", "10.0.0.60:5432", 21), ("10.0.0.2", "10.0.0.60:5432", 15),
+        ("10.0.0.1", "10.0.0.61:6379", 6)]
+    assert raw.fin_wait2() == text.fin_wait2() == [PeerWait("10.0.0.60:5432", 34, 0.0),
+                                                   PeerWait("[2001:db8::9]:443", 3, 0.0)]
+    assert raw.ephemeral_used() == text.ephemeral_used() == 45
+    assert len(raw.first_seen) == len(text.first_seen) == 37
+
+    # The next frame: 5 FIN_WAIT2 sockets gone, 8 new; first sightings carried over alike.
+    (text2, _), (raw2, _) = feed_both(host_table(gone=5, extra=8),
+                                      (text.first_seen, raw.first_seen), 160.0)
+    assert raw2.fin_wait2() == text2.fin_wait2() == [PeerWait("10.0.0.60:5432", 37, 60.0),
+                                                     PeerWait("[2001:db8::9]:443", 3, 60.0)]
+    assert sorted(raw2.first_seen.values()) == sorted(text2.first_seen.values())
+    assert sorted(raw2.first_seen.values()).count(100.0) == 32  # 37 - 5 gone
+    assert raw2.port_risk(set()) == text2.port_risk(set())
 
 
 # ------------------------------------------------------------------------- collectors
@@ -315,17 +465,20 @@ class FakeMapSource(FakeSource):
                                    flags=ev["flags"] | self.cw[sk]["flags"])
         self.batches = [[schema.encode(ev) for ev in exits]]
         fam = {4: socket.AF_INET, 6: socket.AF_INET6}
-        self.rows = [
-            (sk, lay.struct.unpack(lay.struct.pack(
+        self.rows = {
+            sk: lay.struct.pack(
                 ev["ts_ns"], 0, socket.inet_pton(fam[ev["family"]], ev["laddr"]).ljust(16, b"\0"),
                 socket.inet_pton(fam[ev["family"]], ev["raddr"]).ljust(16, b"\0"), ev["pid"],
                 ev["tid"], ev["netns"], fam[ev["family"]], ev["lport"], ev["rport"],
-                ev["flags"] & 0xFF, 0, ev["comm"].encode())))
+                ev["flags"] & 0xFF, 0, ev["comm"].encode())
             for sk, ev in self.cw.items()
-        ]
+        }
 
-    def read_cw(self) -> list[tuple[int, tuple]]:
-        return [r for r in self.rows if r[0] not in self.forgotten]
+    def read_cw_chunks(self) -> list[tuple[bytes, bytes]]:
+        """As loader.KernelSource: the sk addresses and the values, in batches of 2."""
+        rows = [(sk, raw) for sk, raw in self.rows.items() if sk not in self.forgotten]
+        return [(b"".join(struct.pack("=Q", sk) for sk, _ in rows[i:i + 2]),
+                 b"".join(raw for _, raw in rows[i:i + 2])) for i in range(0, len(rows), 2)]
 
     def forget_cw(self, sks: list[int]) -> None:
         self.forgotten += sks
@@ -374,6 +527,220 @@ def test_kernel_map_mode_gives_the_same_sample_as_the_event_stream():
     assert len(kernel.entered) == 3  # the stale one entered before the window
     assert kernel.host.lost == events.host.lost == 2
     assert source.forgotten == [SK + 192]
+
+
+class World:
+    """The kernel's `cw` map, /proc's CLOSE_WAIT and LISTEN sockets, their holders and the
+    processes' cgroups, changed at random between frames (CacheWorld.change)."""
+
+    LISTENER = 9000  # inode of the listener on 8080, held by SERVER
+
+    def __init__(self, rng) -> None:
+        self.rng = rng
+        self.socks: dict[int, dict] = {}  # sk -> the socket (in_map / in_proc say where)
+        self.scan: dict[int, tuple] = {self.LISTENER: (Holder(812, "server", None),)}
+        self.cgroups = {812: "/a", 813: "/b", 900: "/c"}
+        self.next_sk, self.next_inode, self.next_port = SK, 20000, 41000
+        self.clock = Clock(0.0)
+
+    def add(self, **extra) -> int:
+        sk, self.next_sk = self.next_sk, self.next_sk + 64
+        self.next_port += 1
+        sock = dict(ts=self.clock.t, laddr="10.0.0.1", lport=8080,
+                    raddr=self.rng.choice(["10.0.0.2", "10.0.0.3"]), rport=self.next_port,
+                    netns=self.rng.choice([NETNS, NETNS, 0]), proc_netns=NETNS,
+                    pid=812, tid=812, comm="server", flags=flags("OWNER"), inode=0, rx=1,
+                    in_map=True, in_proc=True)
+        sock.update(extra)
+        if self.rng.random() < 0.7:
+            self.accept(sock)
+        self.socks[sk] = sock
+        return sk
+
+    def accept(self, sock: dict) -> None:
+        sock["inode"], self.next_inode = self.next_inode, self.next_inode + 1
+        who = self.rng.choice([Holder(812, "server", None), Holder(813, "worker", None)])
+        self.scan = {**self.scan, sock["inode"]: (who,)}
+
+    def change(self) -> str:
+        """One random change; its name."""
+        rng, live = self.rng, [s for s in self.socks.values() if s["in_map"] and s["in_proc"]]
+        what = rng.choice(["new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
+                           "reuse", "missed_exit", "cgroup", "twin", "nothing"])
+        sock = rng.choice(live) if live else None
+        if what == "new" or sock is None:
+            self.add()
+            return "new"
+        if what == "owner":
+            sock.update(pid=900, tid=901, comm="api", flags=flags("OWNER"))
+        elif what == "eof":
+            sock["flags"] |= flags("EOF_READ")
+        elif what == "rx":
+            sock["rx"] = rng.choice([0, 1, 7, 300, 5000])
+        elif what == "accept":
+            self.accept(sock)
+        elif what == "holder" and sock["inode"]:
+            self.scan = {**self.scan, sock["inode"]: (Holder(813, "worker", None),
+                                                      Holder(812, "server", None))}
+        elif what == "rescan":  # a new scan finding the same: new, equal objects
+            self.scan = {i: tuple(Holder(*h) for h in held) for i, held in self.scan.items()}
+        elif what == "close":
+            sock.update(in_map=False, in_proc=False)
+        elif what == "reuse":  # a closed socket's address taken by a new one
+            old = next((sk for sk, s in self.socks.items() if not s["in_map"]), None)
+            if old is not None:
+                self.socks[old] = dict(self.socks[self.add()])
+                del self.socks[self.next_sk - 64]
+        elif what == "missed_exit":  # gone from /proc, the map still has it: stale in 1 s
+            sock["in_proc"] = False
+        elif what == "cgroup":
+            self.cgroups[rng.choice([812, 813, 900])] = rng.choice(["/a", "/x", "/y"])
+        elif what == "twin":  # the same 4-tuple in another namespace, tracked or not
+            twin = dict(sock, proc_netns=NETNS + 1, inode=0)
+            twin["netns"] = rng.choice([NETNS + 1, NETNS + 1, 0])
+            self.socks[self.next_sk] = twin
+            self.next_sk += 64
+            twin["in_map"] = rng.random() < 0.5
+        return what
+
+    def table(self) -> list:
+        rows = [Entry(NETNS, 4, "0.0.0.0", 8080, "0.0.0.0", 0, state=10, inode=self.LISTENER)]
+        rows += [Entry(s["proc_netns"], 4, s["laddr"], s["lport"], s["raddr"], s["rport"],
+                       rx_queue=s["rx"], inode=s["inode"])
+                 for s in self.socks.values() if s["in_proc"]]
+        return rows
+
+    def cw_values(self) -> list[tuple[int, bytes]]:
+        lay = schema.layout_of("tw_cw")
+        return [(sk, lay.struct.pack(
+            s["ts"], 0, socket.inet_aton(s["laddr"]).ljust(16, b"\0"),
+            socket.inet_aton(s["raddr"]).ljust(16, b"\0"), s["pid"], s["tid"], s["netns"],
+            socket.AF_INET, s["lport"], s["rport"], s["flags"], 0, s["comm"].encode()))
+            for sk, s in self.socks.items() if s["in_map"]]
+
+
+class WorldSource(FakeMapSource):
+    """A `cw` map read from a World; forget_cw() drops entries from it (or only counts)."""
+
+    def __init__(self, world: World, forgets: bool) -> None:
+        super().__init__([])
+        self.world, self.forgets = world, forgets
+
+    def read_cw_chunks(self) -> list[tuple[bytes, bytes]]:
+        rows = self.world.cw_values()
+        return [(b"".join(struct.pack("=Q", sk) for sk, _ in rows[i:i + 3]),
+                 b"".join(raw for _, raw in rows[i:i + 3])) for i in range(0, len(rows), 3)]
+
+    def forget_cw(self, sks: list[int]) -> None:
+        self.forgotten += sks
+        if self.forgets:
+            for sk in sks:
+                self.world.socks[sk]["in_map"] = False
+
+
+def world_collector(world: World, forgets: bool) -> collect.KernelCollector:
+    col = collect.KernelCollector(WorldSource(world, forgets), {}, window_s=10.0,
+                                  leak_after_s=3.0, snapshot=world.table, clock=world.clock,
+                                  cw_map=True)
+
+    class Scans:  # the holder scan is the world's: the same dict until it rescans
+        def get(self, inodes):
+            return world.scan
+
+    col.view.holders = Scans()
+    return col
+
+
+@pytest.mark.parametrize("colliding", [False, True])
+def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypatch,
+                                                                        colliding):
+    """A collector that keeps its CwSocks from frame to frame shows, after every change,
+    the sockets a new collector makes from scratch: owners, EOF, receive queues, accepts,
+    holders (changed, or rescanned alike), closes, reused sk addresses, missed exits, cgroups,
+    one 4-tuple in two namespaces, ages and leaks as time passes. (colliding: the /proc
+    index's 4-tuple hashes fall in 3 values.)"""
+    import builtins
+    import random
+
+    if colliding:
+        monkeypatch.setattr(collect, "hash", lambda x: builtins.hash(x) % 3 if isinstance(
+            x, tuple) else builtins.hash(x), raising=False)
+    rng = random.Random(7)
+    world = World(rng)
+    monkeypatch.setattr(hostinfo, "cgroup_of", lambda pid, proc_root="/proc":
+                        world.cgroups.get(pid, "?"))
+    for _ in range(12):
+        world.add()
+    kept = world_collector(world, forgets=True)
+    made = []
+    real_make = collect.KernelCollector._make
+
+    def counting_make(self, *args):
+        if self is kept:
+            made.append(1)
+        return real_make(self, *args)
+
+    monkeypatch.setattr(collect.KernelCollector, "_make", counting_make)
+    shown = 0
+    seen_changes = set()
+    for step_no in range(400):
+        seen_changes.add(world.change())
+        if rng.random() < 0.5:
+            seen_changes.add(world.change())
+        world.clock.t += int(rng.choice([0.3, 0.7, 1.5]) * SEC)
+        fresh = world_collector(world, forgets=False)
+        fresh.view.cw_seen = dict(kept.view.cw_seen)  # the same first sightings
+        want = fresh.sample().sockets
+        got = kept.sample().sockets
+        assert got == want, f"step {step_no}"
+        # what it keeps is what the map has now (closed and forgotten sockets let go)
+        assert set(kept._known) == {sk for sk, s in world.socks.items() if s["in_map"]}
+        shown += len(got)
+    assert seen_changes >= {"new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
+                            "reuse", "missed_exit", "cgroup", "twin"}
+    assert kept.source.forgotten  # missed exits were forgotten
+    # most sockets were kept, not made again (never-accepted ones, a third of the new ones,
+    # are always made again)
+    assert shown > 10000 and len(made) < shown / 3, (shown, len(made))
+
+
+@pytest.mark.parametrize("degenerate", [None, lambda h: 7, lambda h: h % 3])
+def test_proc_index_finds_by_key_and_namespace_whatever_the_hashes(monkeypatch, degenerate):
+    """The /proc index is keyed by hash: with every key colliding (or a third of them), it
+    finds what it finds with real hashes, and marks the same entries."""
+    import builtins
+
+    if degenerate is not None:
+        monkeypatch.setattr(collect, "hash", lambda x: degenerate(builtins.hash(x)),
+                            raising=False)
+    other = NETNS + 1
+    cw = [Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 41000 + i, inode=i + 1)
+          for i in range(6)]
+    cw += [Entry(other, 4, "10.0.0.1", 8080, "10.0.0.2", 41000, inode=50),  # a twin
+           Entry(NETNS, 6, "::ffff:10.0.0.1", 8080, "::ffff:10.0.0.9", 42000, inode=60)]
+    index = collect._ProcIndex(cw)
+    find = index.find
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41003), NETNS) is cw[3]
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41003), other) is None  # wrong namespace
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41000), other) is cw[6]  # the twin
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 41000), 0) is cw[0]  # any: the first
+    assert find(("10.0.0.1", 8080, "10.0.0.9", 42000), 0) is cw[7]  # canonical
+    assert find(("10.0.0.1", 8080, "10.0.0.2", 49999), 0) is None
+    assert index.unused() == [cw[1], cw[2], cw[4], cw[5]]
+
+
+def test_age_seconds_is_round_to_the_millisecond():
+    import random
+
+    rng = random.Random(3)
+    values = [0, 1, 499_999, 500_000, 500_001, 1_500_000, 2_500_000, -1, -500_000, -2_500_000,
+              1 << 62, (1 << 62) + 500_000, 10**18 + 1_500_000]
+    values += [rng.randrange(-10**9, 10**13) for _ in range(20000)]
+    values += [rng.randrange(10**6) * 10**6 + 500_000 + rng.randrange(-1500, 1500)
+               for _ in range(20000)]  # around ties
+    for ns in values:
+        got, want = collect.age_seconds(ns), round(ns / 1e9, 3)
+        assert got == want and str(got) == str(want), ns  # -0.0 stays -0.0
 
 
 def test_a_full_cw_map_is_reported_in_the_header():
@@ -479,7 +846,7 @@ def test_help_and_json_needs_once():
 
 
 def test_once_json_in_forced_snapshot_mode(monkeypatch):
-    monkeypatch.setattr(collect.procnet, "snapshot", lambda each: each([
+    monkeypatch.setattr(collect.procnet, "snapshot", lambda each: each.take([
         Entry(NETNS, 4, "10.0.0.1", 8080, "10.0.0.2", 1, rx_queue=3, inode=11)]))
     monkeypatch.setattr(collect.procnet, "holders_of", lambda inodes, fds=True: {})
     res = CliRunner().invoke(command.top, ["--snapshot", "--once", "--interval", "0.1",
@@ -519,6 +886,23 @@ def test_holder_scans_are_reused_in_proportion_to_their_cost_and_slow_ones_run_a
     assert time.monotonic() - t0 < 0.1
     cache._worker.join(5)
     assert cache.get({7, 8}) == {7: ["second"], 8: ["new"]} and calls[1] == {7, 8}
+
+
+def test_holder_inodes_are_worked_out_only_when_a_scan_is_due():
+    from tcpwatch.top.collect import HolderCache
+
+    asked = []
+
+    def inodes():
+        asked.append(1)
+        return {7}
+
+    cache = HolderCache(lambda wanted: {i: ["x"] for i in wanted})
+    assert cache.get(inodes) == {7: ["x"]} and len(asked) == 1  # the first scan: due
+    cache._cost, cache._at = 1.0, time.monotonic()  # as if it had cost 1 s just now
+    assert cache.get(inodes) == {7: ["x"]} and len(asked) == 1  # reused: not worked out
+    cache._at -= 20.0
+    assert cache.get(lambda: set()) == {}  # due, nothing to look for
 
 
 def test_cheap_holder_scans_happen_every_frame():

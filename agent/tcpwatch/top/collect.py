@@ -21,18 +21,20 @@ import gc
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
+from itertools import compress
 from typing import Any
 
 from tcpwatch import procnet, schema
 from tcpwatch.aggregate import outcome_name
 from tcpwatch.classify import Causes, ended_cause, stuck_cause
-from tcpwatch.procnet import Each, TcpEntry, canonical
+from tcpwatch.procnet import Each, Tally, TcpEntry, canonical
 from tcpwatch.timefmt import rfc3339
 from tcpwatch.top import hostinfo
 from tcpwatch.top.model import CwSock, Ended, Entered, Host, Sample, SockRef
@@ -67,37 +69,74 @@ class _ProcIndex:
     A miss is looked up again by canonical 4-tuple (an index built on the first miss), so an
     IPv4 key still finds a dual-stack socket listed as ::ffff:a.b.c.d and vice versa. One
     4-tuple may be in several namespaces: the socket's own netns decides (0: the first).
+    The dict is keyed by the 4-tuple's hash, an int (looking 100,000 sockets up by tuple
+    took 3 times as long), and the entry found is checked field by field. Entries found
+    are marked (a byte each, not a set of 100,000 ids): unused() is the rest.
     """
 
     def __init__(self, cw: list[TcpEntry]) -> None:
-        self._exact: dict[tuple, TcpEntry] = {}
-        self._more: dict[tuple, list[TcpEntry]] = {}  # keys held by more than one entry
-        self._cw = cw
-        self._canonical: dict[tuple, list[TcpEntry]] | None = None
-        exact, more = self._exact, self._more
-        for e in cw:
-            key = (e[2], e[3], e[4], e[5])
-            first = exact.setdefault(key, e)
-            if first is not e:
-                more.setdefault(key, [first]).append(e)
+        self.cw = cw
+        self._exact: dict[int, int] | None = None  # hash(key) -> position, on first find
+        self.more: dict[int, list[int]] = {}  # hashes of more than one entry
+        self._canonical: dict[tuple, list[int]] | None = None
+        self.used = bytearray(len(cw))
 
-    def find(self, tup: tuple, netns: int) -> TcpEntry | None:
-        """The entry of a tracked socket: tup (family, laddr, lport, raddr, rport)."""
-        key = tup[1:]
-        e = self._exact.get(key)
-        if e is not None:
-            if key not in self._more:
-                return e if not netns or netns == e.netns else None
-            return self._pick(self._more[key], netns)
+    def exact(self) -> dict[int, int]:
+        """hash(key) -> the position of the one entry with that hash (see `more`)."""
+        if self._exact is None:
+            exact: dict[int, int] = {}
+            more = self.more
+            for i, e in enumerate(self.cw):
+                h = hash((e[2], e[3], e[4], e[5]))
+                first = exact.setdefault(h, i)
+                if first != i:
+                    more.setdefault(h, [first]).append(i)
+            self._exact = exact
+        return self._exact
+
+    def find(self, key: tuple, netns: int) -> TcpEntry | None:
+        """The entry of a tracked socket: key (laddr, lport, raddr, rport)."""
+        exact, cw = self.exact(), self.cw
+        h = hash(key)
+        i = exact.get(h)
+        if i is None:
+            return self._found(self._by_canonical(key), netns)
+        if not self.more or h not in self.more:
+            e = cw[i]
+            if e[3] == key[1] and e[5] == key[3] and e[2] == key[0] and e[4] == key[2]:
+                if netns and netns != e[0]:
+                    return None
+                self.used[i] = 1
+                return e
+            return self._found(self._by_canonical(key), netns)  # only its hash was the same
+        # several entries with this hash: those with this very key (one per namespace), or
+        # none (a collision of hashes alone)
+        alike = [j for j in self.more[h] if cw[j][2:6] == key]
+        return self._found(alike if alike else self._by_canonical(key), netns)
+
+    def _by_canonical(self, key: tuple) -> Sequence[int]:
         if self._canonical is None:
             self._canonical = {}
-            for c in self._cw:
-                self._canonical.setdefault(_tuple4(c[2], c[3], c[4], c[5]), []).append(c)
-        return self._pick(self._canonical.get(_tuple4(*key), ()), netns)
+            for j, c in enumerate(self.cw):
+                self._canonical.setdefault(_tuple4(c[2], c[3], c[4], c[5]), []).append(j)
+        return self._canonical.get(_tuple4(*key), ())
 
-    @staticmethod
-    def _pick(cands: Iterable[TcpEntry], netns: int) -> TcpEntry | None:
-        return next((e for e in cands if not netns or netns == e.netns), None)
+    def _found(self, cands: Iterable[int], netns: int) -> TcpEntry | None:
+        """The first of these positions in the namespace (any, for netns 0), marked."""
+        i = next((j for j in cands if not netns or netns == self.cw[j][0]), None)
+        if i is None:
+            return None
+        self.used[i] = 1
+        return self.cw[i]
+
+    def unused(self) -> list[TcpEntry]:
+        """The entries find() never returned, in order."""
+        if 0 not in self.used:
+            return []
+        return list(compress(self.cw, self.used.translate(_NOT)))
+
+
+_NOT = bytes([1]) + bytes(255)  # bytes.translate table: 0 -> 1, anything else -> 0
 
 
 def _tuple4(laddr: str, lport: int, raddr: str, rport: int) -> tuple:
@@ -116,6 +155,71 @@ def _no_gc() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+def age_seconds(age_ns: int) -> float:
+    """round(age_ns / 1e9, 3), as ages were always rounded, in half the time: 100,000
+    sockets' ages are worked out every frame.
+
+    >>> age_seconds(1_234_567_890), age_seconds(2_000_500_001), age_seconds(-400_000)
+    (1.235, 2.001, -0.0)
+    """
+    ms, rest = divmod(age_ns, 1_000_000)
+    # Within 1 us of a tie the float age_ns / 1e9 may fall either side of it, negative
+    # ages round to -0.0, and past 2**62 ns the float loses the microseconds: round() then.
+    if -1000 < rest - 500_000 < 1000 or not 0 <= age_ns < 1 << 62:
+        return round(age_ns / 1e9, 3)
+    return (ms + (rest > 500_000)) / 1000
+
+
+class _Known:
+    """A socket in the `cw` map as the last frame showed it: its CwSock and what it was
+    made from. h: the hash of the map entry's bytes (an int instead of the ~120-byte value
+    per socket; a changed entry goes unnoticed with odds of ~1 in 2**64, as with seen_key());
+    laddr, netns, owner, eof_read: what the entry says (the ports and the peer are the
+    CwSock's); inode and rx_queue: those of its accepted /proc entry (None: not found, or
+    not accepted); held: its holders."""
+
+    __slots__ = ("h", "laddr", "netns", "owner", "eof_read", "inode", "rx_queue", "held",
+                 "sock", "frame")
+
+    def __init__(self, h: int, facts: tuple, e: TcpEntry | None, held: Sequence,
+                 sock: CwSock, frame: int) -> None:
+        self.h, self.held, self.sock = h, held, sock
+        (_, self.laddr, _, _, _), self.netns, _, self.owner, self.eof_read = facts
+        accepted = e is not None and e.inode != 0
+        self.inode = e.inode if accepted else None
+        self.rx_queue = e.rx_queue if accepted else None
+        self.frame = frame  # the last frame that saw it in the map (a byte: wraps)
+
+
+class _Frame:
+    """One frame's matching of tracked sockets: what it needs, and what it gives (the
+    CwSocks in `sockets`, those that entered in the window also in `fresh`; the /proc
+    entries matched are marked in the index)."""
+
+    __slots__ = ("index", "holders", "listeners", "now_ns", "window_ns", "causes",
+                 "sockets", "fresh")
+
+    def __init__(self, index: _ProcIndex, holders: dict, listeners: dict, now_ns: int,
+                 window_ns: float) -> None:
+        self.index, self.holders, self.listeners = index, holders, listeners
+        self.now_ns, self.window_ns = now_ns, window_ns
+        self.causes: dict[tuple, str] = {}  # facts -> stuck_cause()
+        self.sockets: list[CwSock] = []
+        self.fresh: list[CwSock] = []
+
+    def add(self, sock: CwSock, since_ns: int) -> None:
+        self.sockets.append(sock)
+        if since_ns >= self.window_ns:
+            self.fresh.append(sock)  # entered in the window: the socket stands for its entry
+
+
+def _since_reader(lay: schema.Layout) -> Callable[[bytes, int], tuple[int]]:
+    """unpack_from of a `cw` value's ts_ns (entry into CLOSE_WAIT), at an offset."""
+    off = next(off for name, off, _ in lay.fields if name == "ts_ns")
+    reader = struct.Struct("=" + "x" * off + lay.codes["ts_ns"])
+    return reader.unpack_from
 
 
 def listener_inodes(entries: Iterable[TcpEntry]) -> dict[tuple[int, int, str], int]:
@@ -162,15 +266,22 @@ class HolderCache:
         self._worker: threading.Thread | None = None
         self.scans = 0
 
-    def get(self, inodes: set[int]) -> dict[int, list]:
+    def get(self, inodes: set[int] | Callable[[], set[int]]) -> dict[int, list]:
+        """Holders by inode; `inodes` (or what it returns: worked out only when a scan is
+        due) are those to look for."""
         now = time.monotonic()
         with self._lock:
             busy = self._worker is not None and self._worker.is_alive()
             fresh = (self._cost >= self.REUSE_FROM_S
                      and now - self._at < min(self.REUSE_MAX_S, 10 * self._cost))
             found = self._found
-        if busy or fresh or not inodes:
-            return found if inodes else {}
+        if busy or fresh:
+            # Looked up by inode, never 0: without inodes to look for, all lookups miss.
+            return found
+        if callable(inodes):
+            inodes = inodes()
+        if not inodes:
+            return {}
         if self.scans == 0 or self._cost < self.SYNC_S:
             self._scan(set(inodes), now)
             return self._found
@@ -202,14 +313,19 @@ class _HostView:
         self.ports = set(ports)
         # Looked up at call time (not bound as defaults) so tests can replace procnet's.
         if snapshot is None:
-            self._snapshot: Callable[[Each], list] = lambda each: procnet.snapshot(each=each)
-        else:  # a test's table: counted in one batch
-            self._snapshot = lambda each: each(snapshot())
+            self._snapshot: Callable[[Each | Tally], list] = (
+                lambda each: procnet.snapshot(each=each))
+        else:  # a test's table: counted in one batch, as the /proc text would be
+            self._snapshot = lambda each: (each.take if isinstance(each, Tally) else each)(
+                snapshot())
         self._holders_of = holders_of or (lambda inodes: procnet.holders_of(inodes, fds=False))
         self.holders = HolderCache(lambda inodes: self._holders_of(inodes))
         self._cgroups: dict[int | None, str] = {}  # per frame: one /proc lookup per process
         self.clock = clock
-        self.first_seen: dict[int, float] = {}  # hostinfo.seen_key() -> monotonic seconds
+        # hostinfo.seen_key() -> first sight (monotonic seconds): FIN_WAIT2 sockets (the
+        # tally's), and the CLOSE_WAIT sockets shown from /proc alone (cw_socks())
+        self.first_seen: dict[int, float] = {}
+        self.cw_seen: dict[int, float] = {}
         self.started_s: float | None = None  # the first sample: nothing was watched before
         self.hostname = socket.gethostname()
 
@@ -228,7 +344,7 @@ class _HostView:
         self._cgroups.clear()
         tally = hostinfo.HostTally(hostinfo.read_port_range(), self.first_seen,
                                    self.clock() / 1e9)
-        entries = self._snapshot(tally.take)
+        entries = self._snapshot(tally)
         self.first_seen = tally.first_seen
         if self.started_s is None:
             self.started_s = tally.now_s
@@ -253,11 +369,13 @@ class _HostView:
     def cw_socks(self, entries: Iterable[TcpEntry], holders: dict, now_s: float,
                  listeners: dict, leak_after_s: float | None = None) -> list[CwSock]:
         """CLOSE_WAIT sockets known only from /proc (first-sight age, /proc-only cause).
+        Called once a frame: the first sightings of these sockets are kept for the next
+        (cw_seen), those of others forgotten.
 
         One loop for all of them: on a host with 100,000 such sockets this is most of a frame.
         leaked: age >= leak_after_s (never when None: the caller knows no better).
         """
-        first = self.first_seen.get
+        before, seen = self.cw_seen.get, {}
         cgroup_of, seen_key = self.cgroup_of, hostinfo.seen_key
         # Without a kernel owner the cause depends only on inode 0 and rx_queue: one
         # stuck_cause() call per distinct pair, not per socket.
@@ -277,9 +395,11 @@ class _HostView:
             if cause is None:
                 cause = causes[(inode == 0, rx_queue)] = stuck_cause(
                     inode=inode, rx_queue=rx_queue, holders=None, owner=None, eof_read=False)
-            age = now_s - first(seen_key(e), now_s)
+            key = seen_key(e)
+            age = now_s - seen.setdefault(key, before(key, now_s))
             append(CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age, 3),
                           e.unread, cause, not never and age >= leak_after_s))
+        self.cw_seen = seen
         return out
 
 
@@ -397,8 +517,12 @@ class KernelCollector:
         self.agg = Aggregator(leak_after_s, mono_to_wall_ns, resolve=None, causes=self.causes,
                               start_mono_ns=clock())
         # sk -> the CwSock it was last shown as (its group), so an exit is counted
-        # under the process that held it, not only the owner the kernel last saw.
+        # under the process that held it, not only the owner the kernel last saw: _who
+        # without the cw map, _known (the CwSock and what it was made from) with it.
         self._who: dict[int, CwSock] = {}
+        self._known: dict[int, _Known] = {}
+        self._frame = 0
+        self._holders: dict | None = None  # the holders the last frame's _known were told from
         self._entered: deque[tuple[float, int, Entered]] = deque()
         # (entry time, sk, its Ended): the exit's own object stands for its entry (one object
         # per exit instead of two: a churn makes tens of thousands a second).
@@ -461,7 +585,7 @@ class KernelCollector:
             return
         unpack = _exit_unpacker()
         ports = self.view.ports
-        who_of = self._who.pop
+        known_of = self._known.pop
         cgroup_of = self.view.cgroup_of
         addr, comm_text = schema.addr_text, schema.comm_text
         leak_after_s = self.agg.leak_after_ns / 1e9
@@ -477,9 +601,9 @@ class KernelCollector:
                 continue
             ts_s = ts / 1e9
             duration = None if flags & _F_CW_UNKNOWN else round(cw_ns / 1e9, 6)
-            now = who_of(sk, None)  # the CwSock it was shown as
+            now = known_of(sk, None)  # what it was shown as
             if now is not None:
-                who = (now.pid, now.comm)
+                who = (now.sock.pid, now.sock.comm)
             elif flags & (_F_OWNER | _F_OWNER_LISTENER):
                 who = (pid, comm_text(comm))
             elif flags & _F_ACTOR:
@@ -533,20 +657,25 @@ class KernelCollector:
                 self._ended.append((now_s, 0, ended))
                 self._map_entered.append((now_s - duration, 0, ended))
 
-    def _map_tracked(self) -> Iterator[tuple]:
-        """The sockets in CLOSE_WAIT per the kernel's `cw` map, one at a time (100,000 are
-        never all decoded at once): (sk, (family, laddr, lport, raddr, rport), netns,
-        since_ns, owner, eof_read)."""
+    def _decoder(self) -> Callable[[bytes], tuple | None]:
+        """A `cw` map value's facts, as _make() takes them: (tup (family, laddr, lport,
+        raddr, rport), netns, since_ns, owner, eof_read); None for a port not watched. One
+        Owner per process and frame, not per socket; one int per namespace and port."""
         from tcpwatch.aggregate import Owner
 
         wanted = self.view.wanted
+        unpack = schema.layout_of("tw_cw").struct.unpack
         addr = schema.addr_text
         known = _F_OWNER | _F_OWNER_LISTENER
-        owners: dict[tuple, Owner] = {}  # one Owner per process, not per socket
-        for sk, (ts_ns, _fin, saddr, daddr, pid, tid, netns, family, sport, dport, flags, _pad,
-                 comm) in self.source.read_cw():
+        owners: dict[tuple, Owner] = {}
+        namespaces: dict[int, int] = {}
+        port = procnet.port_ints()
+
+        def decode(raw: bytes) -> tuple | None:
+            (ts_ns, _fin, saddr, daddr, pid, tid, netns, family, sport, dport, flags, _rst,
+             comm) = unpack(raw)
             if not wanted(sport, dport):
-                continue
+                return None
             owner = None
             if flags & known:
                 owner = owners.get((pid, tid, comm, flags & known))
@@ -555,20 +684,155 @@ class KernelCollector:
                         pid, tid, schema.comm_text(comm),
                         "socket" if flags & _F_OWNER else "listener")
             fam = 6 if family == socket.AF_INET6 else 4
-            yield (sk, (fam, addr(saddr, family), sport, addr(daddr, family), dport), netns,
-                   ts_ns, owner, bool(flags & _F_EOF_READ))
+            netns = namespaces.setdefault(netns, netns)
+            return ((fam, addr(saddr, family), port[sport], addr(daddr, family), port[dport]),
+                    netns, ts_ns, owner, bool(flags & _F_EOF_READ))
 
-    def _agg_tracked(self) -> Iterator[tuple]:
-        """The aggregator's sockets in CLOSE_WAIT (no cw map), as _map_tracked() gives them."""
-        wanted = self.view.wanted
-        for s in self.agg.in_close_wait():
-            if wanted(s.tuple[2], s.tuple[4]):
-                yield s.sk, s.tuple, s.netns, s.since_ns, s.owner, s.eof_read
+        return decode
+
+    def _make(self, f: _Frame, tup: tuple, since_ns: int, owner: Any, eof_read: bool,
+              e: TcpEntry | None, held: Sequence | None = None) -> tuple[CwSock, Sequence]:
+        """A tracked socket's CwSock from its facts and its /proc entry (None: not found),
+        and the holders its cause was told from (held: those, if already looked up)."""
+        if e is None:
+            inode = rx_queue = unread = None
+            held = ()
+        else:
+            inode, rx_queue = e[10], e[8]
+            unread = rx_queue - 1 if rx_queue > 0 else rx_queue  # TcpEntry.unread in CW
+            if held is None:
+                held = f.holders.get(inode, ()) if inode else ()
+        seen = (owner.pid, owner.how) if owner is not None else None
+        key = (e is None, inode == 0, rx_queue,
+               held if held.__class__ is tuple else tuple(held), seen, eof_read)
+        cause = f.causes.get(key)
+        if cause is None:  # once per distinct set of facts: the same for most of a process's
+            cause = f.causes[key] = stuck_cause(
+                inode=inode, rx_queue=rx_queue,
+                holders=None if e is None else [h.pid for h in held], owner=seen,
+                eof_read=eof_read, recv_eof=self.causes.recv_eof)
+        # accept queue: the listener's holder
+        shown = f.holders.get(listener_of(e, f.listeners), ()) if inode == 0 else held
+        if shown:
+            pid, comm = shown[0].pid, shown[0].comm
+        elif owner is not None:
+            pid, comm = owner.pid, owner.comm
+        else:
+            pid = comm = None
+        age_ns = f.now_ns - since_ns
+        _, _, lport, raddr, rport = tup
+        return CwSock(pid, comm, self.view.cgroup_of(pid), lport, raddr, rport,
+                      age_seconds(age_ns),
+                      unread, cause, age_ns >= self.agg.leak_after_ns), held
+
+    def _map_socks(self, f: _Frame) -> None:
+        """Each socket in the `cw` map, matched to /proc, into f.
+
+        A socket whose map entry is the same bytes as last frame, whose /proc entry is still
+        accepted with the same inode and receive queue and whose holders are the same keeps
+        its CwSock (_Known): only its age, leak flag and cgroup are brought up to date. Any
+        other is made again (from the facts kept, if its map entry is the same; decoded
+        otherwise). An entry older than a second whose socket /proc no
+        longer shows in CLOSE_WAIT is forgotten: its exit was never seen (a transition the
+        kernel skipped our program for). A younger one may have entered after /proc was
+        read."""
+        # _known is kept in place (100,000 inserts into a new dict cost more than the rest of
+        # an unchanged socket): entries the map no longer has are dropped at the end.
+        known = self._known
+        frame = self._frame = (self._frame + 1) & 0xFF
+        seen = 0
+        find, holders, add = f.index.find, f.holders, f.add
+        exact_get = f.index.exact().get if known else None
+        more, cw, used = f.index.more, f.index.cw, f.index.used
+        same_scan = holders is self._holders  # then an unchanged inode has the same holders
+        cgroup_of, cgroups, decode = self.view.cgroup_of, {}, self._decoder()
+        now_ns, leak_ns = f.now_ns, self.agg.leak_after_ns
+        lay = schema.layout_of("tw_cw")
+        size, since_of = lay.size, _since_reader(lay)
+        stale: list[int] = []
+        for keys, values in self.source.read_cw_chunks():
+            for sk, off in zip(array("Q", keys), range(0, len(values), size)):
+                raw = values[off:off + size]
+                h = hash(raw)
+                k = known.get(sk)
+                if k is not None and k.h == h:  # the same entry: its facts stand
+                    s = k.sock
+                    key = (k.laddr, s.lport, s.raddr, s.rport)
+                    since_ns = since_of(values, off)[0]
+                    # find(), inline for an entry alone with its hash (nearly all)
+                    kh = hash(key)
+                    i = exact_get(kh)
+                    e = cw[i] if i is not None and (not more or kh not in more) else None
+                    if (e is not None and e[3] is key[1] and e[5] is key[3]
+                            and e[2] == key[0] and e[4] == key[2]
+                            and (not k.netns or k.netns == e[0])):
+                        used[i] = 1
+                    else:
+                        e = find(key, k.netns)
+                    held = None
+                    if e is not None and e[8] == k.rx_queue and e[10] == k.inode:
+                        held = k.held if same_scan else holders.get(k.inode, ())
+                        if held is k.held or held == k.held:  # nothing changed: kept
+                            k.held = held  # (a new scan's equal tuple: compared by identity)
+                            age_ns = now_ns - since_ns
+                            s.age_s, s.leaked = age_seconds(age_ns), age_ns >= leak_ns
+                            cgroup = cgroups.get(s.pid)
+                            if cgroup is None:
+                                cgroup = cgroups[s.pid] = cgroup_of(s.pid)
+                            if cgroup != s.cgroup:
+                                s.cgroup = cgroup
+                            k.frame = frame
+                            seen += 1
+                            add(s, since_ns)
+                            continue
+                    facts = ((0, *key), k.netns, since_ns, k.owner, k.eof_read)
+                else:
+                    facts = decode(raw)
+                    if facts is None:
+                        continue
+                    e, held = find(facts[0][1:], facts[1]), None
+                if e is None and facts[2] < now_ns - 1_000_000_000:
+                    stale.append(sk)
+                    continue
+                s, held = self._make(f, facts[0], facts[2], facts[3], facts[4], e, held)
+                known[sk] = _Known(h, facts, e, held, s, frame)
+                seen += 1
+                add(s, facts[2])
+        if seen < len(known):  # gone from the map (their exits are popped as they come)
+            for sk in [sk for sk, k in known.items() if k.frame != frame]:
+                del known[sk]
+        self._holders = holders  # what every entry of known was told from, from now on
+        if stale:
+            self.source.forget_cw(stale)
+
+    def _agg_socks(self, f: _Frame) -> None:
+        """Each of the aggregator's sockets in CLOSE_WAIT (no cw map), matched to /proc,
+        into f."""
+        wanted, find, who = self.view.wanted, f.index.find, {}
+        for t in self.agg.in_close_wait():
+            if not wanted(t.tuple[2], t.tuple[4]):
+                continue
+            e = find(t.tuple[1:], t.netns)
+            s, _ = self._make(f, t.tuple, t.since_ns, t.owner, t.eof_read, e)
+            if t.sk is not None:
+                who[t.sk] = s
+            f.add(s, t.since_ns)
+        self._who = who
+
+    def _shown(self, sk: int) -> CwSock | None:
+        """The CwSock a tracked socket was last shown as."""
+        if self.cw_map:
+            k = self._known.get(sk)
+            return k.sock if k is not None else None
+        return self._who.get(sk)
 
     def counters(self) -> dict[str, int]:
         return self.source.counters()
 
     def sample(self) -> Sample:
+        """The frame now. With the cw map, a tracked socket's CwSock is kept from frame to
+        frame while nothing it was made from changed: the next sample() moves its age, leak
+        flag and cgroup in place (a caller keeping an older Sample sees them move)."""
         with _no_gc():
             return self._sample()
 
@@ -586,76 +850,28 @@ class KernelCollector:
                ) -> Sample:
         """entries: the CLOSE_WAIT and LISTEN sockets of the snapshot.
 
-        One pass over the tracked sockets finds each one's /proc entry and makes its CwSock.
-        With the cw map, an entry older than a second whose socket /proc no longer shows in
-        CLOSE_WAIT is forgotten: its exit was never seen (a transition the kernel skipped our
-        program for). A younger one may have entered after /proc was read."""
+        One pass over the tracked sockets finds each one's /proc entry and makes (or keeps)
+        its CwSock; the /proc sockets no tracked one matched are shown from /proc alone."""
         v = self.view
         now_s = tally.now_s
         wanted = v.wanted
         cw = [e for e in entries if e[6] == CLOSE_WAIT]
         listeners = listener_inodes(entries)
-        holders = v.holders.get({e.inode or listener_of(e, listeners) for e in cw
-                                 if wanted(e.lport, e.rport)} - {0})
-        find = _ProcIndex(cw).find
-        used: set[int] = set()
-        stale: list[int] = []
-        old_ns = now_ns - 1_000_000_000
-
+        # The inodes to look for, only worked out when a scan is due (100,000s of them).
+        holders = v.holders.get(lambda: {e.inode or listener_of(e, listeners) for e in cw
+                                         if wanted(e.lport, e.rport)} - {0})
         span = v.span(now_s)
         window_ns = (now_s - span) * 1e9 if self.cw_map else float("inf")
-        sockets, fresh, who = [], [], {}
-        # The cause depends on a handful of facts, the same for most sockets of a process:
-        # stuck_cause() once per distinct set of them.
-        causes: dict[tuple, str] = {}
-        recv_eof, leak_ns = self.causes.recv_eof, self.agg.leak_after_ns
-        cgroup_of = v.cgroup_of
-        tracked = self._map_tracked() if self.cw_map else self._agg_tracked()
-        for sk, tup, netns, since_ns, owner, eof_read in tracked:
-            e = find(tup, netns)
-            if e is None:
-                if self.cw_map and since_ns < old_ns:
-                    stale.append(sk)
-                    continue
-                inode = rx_queue = unread = None
-                held: Sequence = ()
-            else:
-                used.add(id(e))
-                inode, rx_queue, unread = e.inode, e.rx_queue, e.unread
-                held = holders.get(inode, ()) if inode else ()
-            seen = (owner.pid, owner.how) if owner is not None else None
-            key = (e is None, inode == 0, rx_queue,
-                   held if held.__class__ is tuple else tuple(held), seen, eof_read)
-            cause = causes.get(key)
-            if cause is None:
-                cause = causes[key] = stuck_cause(
-                    inode=inode, rx_queue=rx_queue,
-                    holders=None if e is None else [h.pid for h in held], owner=seen,
-                    eof_read=eof_read, recv_eof=recv_eof)
-            if inode == 0:  # accept queue: the listener's holder
-                held = holders.get(listener_of(e, listeners), ())
-            if held:
-                pid, comm = held[0].pid, held[0].comm
-            elif owner is not None:
-                pid, comm = owner.pid, owner.comm
-            else:
-                pid = comm = None
-            age_ns = now_ns - since_ns
-            _, _, lport, raddr, rport = tup
-            sock = CwSock(pid, comm, cgroup_of(pid), lport, raddr, rport, round(age_ns / 1e9, 3),
-                          unread, cause, age_ns >= leak_ns)
-            sockets.append(sock)
-            if sk is not None:
-                who[sk] = sock
-            if since_ns >= window_ns:
-                fresh.append(sock)  # entered in the window: the socket stands for its entry
-        if stale:
-            self.source.forget_cw(stale)
+        f = _Frame(_ProcIndex(cw), holders, listeners, now_ns, window_ns)
+        if self.cw_map:
+            self._map_socks(f)
+        else:
+            self._agg_socks(f)
+        sockets, fresh = f.sockets, f.fresh
         # In CLOSE_WAIT per /proc but not tracked: its entry event is not drained yet, or was
         # lost. Shown anyway (first-sight age, /proc-only cause) so counts agree with `ss`.
-        untracked = [e for e in cw if id(e) not in used and wanted(e.lport, e.rport)]
+        untracked = [e for e in f.index.unused() if wanted(e.lport, e.rport)]
         sockets.extend(v.cw_socks(untracked, holders, now_s, listeners))
-        self._who = who
 
         _prune(self._entered, now_s - span)
         _prune(self._ended, now_s - span)
@@ -668,9 +884,10 @@ class KernelCollector:
             entered.extend(fresh)
         else:
             window_entries = list(self._entered)
+        shown = self._shown
         for _, sk, e in window_entries:
             # sk 0: exits the kernel counted (attributed there already)
-            now = who.get(sk) if sk else None
+            now = shown(sk) if sk else None
             pid, comm = ((now.pid, now.comm) if now is not None
                          else (sk and gone.get(sk)) or (e.pid, e.comm))
             cgroup = v.cgroup_of(pid)

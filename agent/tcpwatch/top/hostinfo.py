@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import compress, repeat
 
 from tcpwatch import schema
-from tcpwatch.procnet import TcpEntry, canonical
+from tcpwatch.procnet import Tally, TcpEntry, canonical
+from tcpwatch.sockdiag import id_texts
 
 LISTEN = schema.STATE_NUMBERS["LISTEN"]
 CLOSE_WAIT = schema.CLOSE_WAIT
@@ -110,23 +113,43 @@ def seen_key(e: TcpEntry) -> int:
 
     An int instead of the 6-tuple (32 bytes instead of ~100 per socket, with 100,000s of
     sockets kept from frame to frame); two sockets share one with odds of ~1 in 2**64.
+    (A FIN_WAIT2 socket counted from its netlink record is remembered under
+    seen_id_key() instead.)
     """
     return hash(e[:6])
+
+
+# bytes.translate tables over TCP states: FIN_WAIT2 -> 1; a state that holds its own
+# local port -> 1 (the others -> 0)
+_IS_FIN_WAIT2 = bytes(int(s == FIN_WAIT2) for s in range(256))
+_HOLDING = bytes(int(s not in _NOT_HOLDING) for s in range(256))
+
+
+def seen_id_key(netns: int, family: int, lport: int, sock_id: bytes) -> int:
+    """seen_key() of a socket given to Tally.take_ids() (HostTally hashes the same tuples in
+    bulk): stable from frame to frame, but not equal to seen_key() of the socket's
+    TcpEntry, so a namespace read through sock_diag one frame and from the /proc text the
+    next (a fallback) would start its FIN_WAIT2 sockets' first sightings over."""
+    return hash((netns, family, lport, sock_id))
 
 
 _CONTAINER = re.compile(r"([0-9a-f]{64})")
 
 
-class HostTally:
+class HostTally(Tally):
     """Host-wide figures from one pass over a snapshot, fed a batch at a time.
 
     take() counts each entry (states, ephemeral ports, ports per remote endpoint, FIN_WAIT2
     per peer, first sightings) and returns only the ones top needs whole afterwards:
-    CLOSE_WAIT and LISTEN. procnet.snapshot(each=tally.take) drops the rest batch by batch,
-    so 100,000s of FIN_WAIT2 or TIME_WAIT sockets never sit in memory at once.
+    CLOSE_WAIT and LISTEN (`keep`). procnet.snapshot(each=tally) drops the rest batch by
+    batch, so 100,000s of FIN_WAIT2 or TIME_WAIT sockets never sit in memory at once; through
+    sock_diag they are counted from their netlink records (take_ids()) and never become
+    TcpEntry at all. Either way the figures are the same.
 
-    first_seen: the previous frame's seen_key() -> first sight (monotonic seconds); the
-    tally's own `first_seen` has the CLOSE_WAIT and FIN_WAIT2 sockets of this one.
+    first_seen: the previous frame's seen_key() -> first sight (monotonic seconds) of its
+    FIN_WAIT2 sockets; the tally's own `first_seen` has those of this one. (The CLOSE_WAIT
+    sockets top shows from /proc alone keep theirs in the collector: most are tracked by
+    the kernel, whose entry times are better.)
 
     >>> from tcpwatch.procnet import TcpEntry
     >>> t = HostTally((32768, 60999), {}, 0.0)
@@ -138,6 +161,8 @@ class HostTally:
     >>> [(r.laddr, r.remote, r.held, r.usable) for r in t.port_risk(set())]
     [('10.0.0.1', '10.0.0.9:5432', 3, 28232)]
     """
+
+    keep = frozenset({CLOSE_WAIT, LISTEN})
 
     def __init__(self, port_range: tuple[int, int], first_seen: dict[int, float],
                  now_s: float) -> None:
@@ -151,6 +176,10 @@ class HostTally:
         # address and endpoint text at the end (few keys; formatting per socket is not free)
         self._held: dict[tuple, set[int]] = {}
         self._fin_wait2: dict[tuple[str, int], list] = {}  # (raddr, rport) -> [count, first]
+        # The same from take_ids(), keyed by raw ids: (netns, family, id) -> local ports,
+        # (family, id) -> [count, first]; turned into text at the end.
+        self._held_ids: dict[tuple, set[int]] = {}
+        self._fin_wait2_ids: dict[tuple, list] = {}
 
     def take(self, entries: Iterable[TcpEntry]) -> list[TcpEntry]:
         """Count `entries`; return those in CLOSE_WAIT or LISTEN."""
@@ -162,20 +191,17 @@ class HostTally:
         for e in entries:
             netns, _, laddr, lport, raddr, rport, state, _, _, _, _ = e
             states[state] = states.get(state, 0) + 1
-            if state in (CLOSE_WAIT, FIN_WAIT2):
+            if state == FIN_WAIT2:
                 key = seen_key_of(e)
                 first = seen[key] = before(key, now)
-                if state == CLOSE_WAIT:
-                    keep.append(e)
+                peer = fw2.get((raddr, rport))
+                if peer is None:
+                    fw2[(raddr, rport)] = [1, first]
                 else:
-                    peer = fw2.get((raddr, rport))
-                    if peer is None:
-                        fw2[(raddr, rport)] = [1, first]
-                    else:
-                        peer[0] += 1
-                        if first < peer[1]:
-                            peer[1] = first
-            elif state == LISTEN:
+                    peer[0] += 1
+                    if first < peer[1]:
+                        peer[1] = first
+            elif state in (CLOSE_WAIT, LISTEN):
                 keep.append(e)
             if lo <= lport <= hi and state not in not_holding:
                 ports.add(lport)
@@ -185,6 +211,64 @@ class HostTally:
                 else:
                     group.add(lport)
         return keep
+
+    def take_ids(self, netns: int, family: int, states: bytes, lports: list[int],
+                 ids: list[bytes]) -> None:
+        """Count sockets in states outside `keep` from their netlink records, as take()
+        would count their TcpEntry (see procnet.Tally.take_ids). In bulk: a datagram's
+        sockets at a time through C-level counting, selection and dict updates."""
+        counts = self.states
+        for state, n in Counter(states).items():
+            counts[state] = counts.get(state, 0) + n
+        if FIN_WAIT2 in states:
+            self._fin_wait2_ids_take(netns, family, states, lports, ids)
+        lo, hi = self.port_range
+        ports, held = self._ports, self._held_ids
+        holding = states.translate(_HOLDING)
+        for sid, lport in zip(compress(ids, holding), compress(lports, holding)):
+            if lo <= lport <= hi:
+                ports.add(lport)
+                group = held.get((netns, family, sid))
+                if group is None:
+                    held[(netns, family, sid)] = {lport}
+                else:
+                    group.add(lport)
+
+    def _fin_wait2_ids_take(self, netns: int, family: int, states: bytes, lports: list[int],
+                            ids: list[bytes]) -> None:
+        """take_ids()'s FIN_WAIT2 sockets: first sightings, counts and the oldest per id
+        (remote endpoint and local address)."""
+        fin_wait2 = states.translate(_IS_FIN_WAIT2)
+        fw_ids = list(compress(ids, fin_wait2))
+        keys = list(map(hash, zip(repeat(netns), repeat(family), compress(lports, fin_wait2),
+                                  fw_ids)))  # seen_id_key() of each
+        firsts = list(map(self._before, keys, repeat(self.now_s)))
+        self.first_seen.update(zip(keys, firsts))
+        fw2 = self._fin_wait2_ids
+        for sid, n in Counter(fw_ids).items():
+            peer = fw2.get((family, sid))
+            if peer is None:
+                fw2[(family, sid)] = [n, self.now_s]
+            else:
+                peer[0] += n
+        for sid, first in set(zip(fw_ids, firsts)):  # first sightings are few distinct times
+            peer = fw2[(family, sid)]
+            if first < peer[1]:
+                peer[1] = first
+
+    def _held_texts(self) -> Iterator[tuple[tuple[int, str, str, int], set[int]]]:
+        """((netns, laddr, raddr, rport), local ports) from take() and take_ids() alike."""
+        yield from self._held.items()
+        for (netns, family, sid), ports in self._held_ids.items():
+            laddr, raddr, rport = id_texts(family, sid)
+            yield (netns, laddr, raddr, rport), ports
+
+    def _fin_wait2_texts(self) -> Iterator[tuple[tuple[str, int], list]]:
+        """((raddr, rport), [count, first]) from take() and take_ids() alike."""
+        yield from self._fin_wait2.items()
+        for (family, sid), peer in self._fin_wait2_ids.items():
+            _, raddr, rport = id_texts(family, sid)
+            yield (raddr, rport), peer
 
     def state_names(self) -> dict[str, int]:
         """Sockets per state name, in kernel state order, zero counts left out."""
@@ -206,7 +290,7 @@ class HostTally:
         lo, hi = self.port_range
         usable = (hi - lo + 1) - len({p for p in reserved if lo <= p <= hi})
         merged: dict[tuple[int, str, str], set[int]] = {}
-        for (netns, laddr, raddr, rport), ports in self._held.items():
+        for (netns, laddr, raddr, rport), ports in self._held_texts():
             key = (netns, canonical(laddr), endpoint(raddr, rport))
             if key in merged:
                 merged[key] = merged[key] | ports
@@ -220,7 +304,7 @@ class HostTally:
     def fin_wait2(self, top: int = 5) -> list[PeerWait]:
         """FIN_WAIT2 sockets per remote endpoint, most first; ages from first sight."""
         groups: dict[str, list] = {}
-        for (raddr, rport), (count, first) in self._fin_wait2.items():
+        for (raddr, rport), (count, first) in self._fin_wait2_texts():
             group = groups.setdefault(endpoint(raddr, rport), [0, first])
             group[0] += count
             group[1] = min(group[1], first)

@@ -18,10 +18,11 @@ exits and to keep other counters in maps. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from tcpwatch.classify import dominant
 from tcpwatch.procnet import canonical
@@ -244,44 +245,96 @@ def _sort_key(sort: str) -> Callable[[Row], tuple]:
     return lambda r: (-first(r), -r.close_wait, -(r.oldest_age_s or 0.0), r.group)
 
 
+def _key_of(by: str, ephemeral: tuple[int, int]) -> Callable[[SockRef], object]:
+    """What decides an item's group_of(by, ...) label, cheaper to get than the label (a
+    C-level attribute fetch for most groupings): items are grouped by it, then labelled
+    once per key."""
+    if by == "process":
+        return attrgetter("pid", "comm")
+    if by == "port":
+        return attrgetter("lport")
+    if by == "cgroup":
+        return attrgetter("cgroup")
+    if by == "remote":
+        lo, hi = ephemeral
+
+        def remote(item: SockRef) -> tuple:
+            # a server socket's label is its peer's address alone (see remote_group)
+            if lo <= item.rport <= hi and not lo <= item.lport <= hi:
+                return (item.raddr,)
+            return (item.raddr, item.rport)
+
+        return remote
+    raise ValueError(f"unknown grouping {by!r}; one of {', '.join(GROUPINGS)}")
+
+
+def grouped(items: Sequence[SockRef], by: str, ephemeral: tuple[int, int] = (32768, 60999)
+            ) -> dict[str, list]:
+    """group_of(by, item, ephemeral) -> the items with that label, in their order.
+
+    >>> grouped([Entered(1, "a", "/", 80, "10.0.0.2", 40000), Entered(None, None, "?", 80,
+    ...          "10.0.0.3", 40001), Entered(None, "b", "?", 81, "10.0.0.3", 40002)],
+    ...         "process").keys()
+    dict_keys(['a[1]', '(unknown owner)'])
+    """
+    key_of = _key_of(by, ephemeral)
+    by_key: dict[object, list] = {}
+    for it in items:
+        k = key_of(it)
+        group = by_key.get(k)
+        if group is None:
+            by_key[k] = [it]
+        else:
+            group.append(it)
+    labels = {k: group_of(by, group[0], ephemeral) for k, group in by_key.items()}
+    out = {labels[k]: group for k, group in by_key.items()}
+    if len(out) < len(by_key):  # keys sharing a label ("(unknown owner)"): one group
+        shared = {label for label, n in Counter(labels.values()).items() if n > 1}
+        for label in shared:
+            out[label] = [it for it in items if labels[key_of(it)] == label]
+    return out
+
+
+_AGE, _CAUSE, _LEAKED, _UNREAD = (attrgetter("age_s"), attrgetter("cause"),
+                                  attrgetter("leaked"), attrgetter("unread"))
+_WHO = attrgetter("pid", "comm")
+
+
 def build_rows(sample: Sample, by: str = "process", sort: str = "count") -> list[Row]:
-    """Group the sample's sockets by `by` and sort the groups by `sort`, biggest first."""
+    """Group the sample's sockets by `by` and sort the groups by `sort`, biggest first.
+    (100,000 sockets at a time: per-socket work is left to C where it can be.)"""
     eph = sample.host.port_range  # the host's own: which side of a connection is the client
-    stuck: dict[str, list[CwSock]] = {}
-    for s in sample.sockets:
-        stuck.setdefault(group_of(by, s, eph), []).append(s)
-    ended: dict[str, list[Ended]] = {}
-    for e in sample.ended:
-        ended.setdefault(group_of(by, e, eph), []).append(e)
-    entered: dict[str, int] = {}
-    for e in sample.entered:
-        g = group_of(by, e, eph)
-        entered[g] = entered.get(g, 0) + e.count
+    stuck = grouped(sample.sockets, by, eph)
+    ended = grouped(sample.ended, by, eph)
+    entered = {g: sum(e.count for e in items)
+               for g, items in grouped(sample.entered, by, eph).items()}
 
     rows = []
     for g in sorted({*stuck, *ended, *entered}):
         socks, gone = stuck.get(g, []), ended.get(g, [])
+        ages = list(map(_AGE, socks))
         # Durations: finished stays, plus the ages so far of sockets still waiting (a lower
         # bound): otherwise a group whose sockets never leave would have no percentile at all.
         timed = [e for e in gone if e.duration_s is not None]
-        durations = [e.duration_s for e in timed] + [s.age_s for s in socks]
+        durations = [e.duration_s for e in timed] + ages
         # Weights only where the kernel counted stays: sorting plain floats is faster.
         weights = ([e.count for e in timed] + [1] * len(socks)
                    if any(e.count != 1 for e in timed) else None)
         p50, p99 = percentiles(durations, (50, 99), weights)
-        causes: dict[str, int] = {}
-        for c, n in ([(s.cause, 1) for s in socks] or [(e.cause, e.count) for e in gone]):
-            causes[c] = causes.get(c, 0) + n
+        causes: dict[str, int] = dict(Counter(map(_CAUSE, socks)))
+        if not causes:
+            for e in gone:
+                causes[e.cause] = causes.get(e.cause, 0) + e.count
         pid, comm = _main_process(socks, gone)
         rows.append(Row(
             group=g, pid=pid, comm=comm, close_wait=len(socks),
-            oldest_age_s=round(max(s.age_s for s in socks), 3) if socks else None,
-            leaks=sum(s.leaked for s in socks),
+            oldest_age_s=round(max(ages), 3) if socks else None,
+            leaks=sum(map(_LEAKED, socks)),
             new_per_s=round(entered.get(g, 0) / sample.window_s, 3) if sample.window_s else 0.0,
             p50_s=_r(p50), p99_s=_r(p99),
-            unread_bytes=sum(s.unread or 0 for s in socks),
-            cause=dominant(s.cause for s in socks)
-            or dominant([e.cause for e in gone], [e.count for e in gone]),
+            unread_bytes=sum(filter(None, map(_UNREAD, socks))),  # None: not found in /proc
+            # the sockets' own causes, else those of the exits: what `causes` counts
+            cause=dominant(causes, causes.values()),
             causes=dict(sorted(causes.items())), closed=sum(e.count for e in gone),
         ))
     rows.sort(key=_sort_key(sort))
@@ -294,10 +347,10 @@ def _r(x: float | None) -> float | None:
 
 def _main_process(socks: list, gone: list) -> tuple[int | None, str | None]:
     """(pid, comm) holding most of a group's sockets: the group's own for `process`."""
-    counts: dict[tuple, int] = {}
-    for it in itertools.chain(socks, gone):
-        if it.pid is not None:
-            counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + it.count
+    counts: dict[tuple, int] = dict(Counter(map(_WHO, socks)))  # a CwSock counts 1
+    for it in gone:
+        counts[(it.pid, it.comm)] = counts.get((it.pid, it.comm), 0) + it.count
+    counts = {k: n for k, n in counts.items() if k[0] is not None}
     if not counts:
         return None, None
     return min(counts, key=lambda k: (-counts[k], k[0]))
