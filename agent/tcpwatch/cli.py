@@ -108,8 +108,26 @@ def app() -> None:
     """Find TCP sockets stuck in CLOSE_WAIT and the process that leaked them."""
 
 
+M_ARENA_MAX = -8  # glibc's mallopt() parameter
+
+
+def one_malloc_arena() -> bool:
+    """Have every thread allocate from glibc's main arena (True if set). trace's and top's
+    worker threads build 100,000-entry dicts (holder lookups); in an arena of their own
+    that memory, once freed, is never reused by the main thread: a running top at 100,000
+    sockets peaked 15 MB higher. Threads contend little: the GIL serializes them anyway."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(1)))
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit, no traceback."""
+    one_malloc_arena()  # before any thread starts
     try:
         app.main(args=args, prog_name="tcpwatch", standalone_mode=False)
     except click.UsageError as exc:

@@ -152,3 +152,12 @@ def test_buffer_mb_sizes_the_kernel_ring(monkeypatch, capsys, mb, pages):
     code, _, err = run(["trace", "--buffer-mb", str(mb)], capsys)
     assert code == 1 and "stop here" in err
     assert seen[0].ring_pages == pages
+
+
+def test_every_thread_allocates_from_one_malloc_arena():
+    """glibc (as on every supported distro) accepts M_ARENA_MAX=1 (see cli.one_malloc_arena)."""
+    import platform
+
+    from tcpwatch.cli import one_malloc_arena
+
+    assert one_malloc_arena() == (platform.libc_ver()[0] == "glibc")
