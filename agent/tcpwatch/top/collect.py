@@ -742,8 +742,6 @@ class KernelCollector:
         frame = self._frame = (self._frame + 1) & 0xFF
         seen = 0
         find, holders, add = f.index.find, f.holders, f.add
-        exact_get = f.index.exact().get if known else None
-        more, cw, used = f.index.more, f.index.cw, f.index.used
         same_scan = holders is self._holders  # then an unchanged inode has the same holders
         cgroup_of, cgroups, decode = self.view.cgroup_of, {}, self._decoder()
         now_ns, leak_ns = f.now_ns, self.agg.leak_after_ns
@@ -759,16 +757,7 @@ class KernelCollector:
                     s = k.sock
                     key = (k.laddr, s.lport, s.raddr, s.rport)
                     since_ns = since_of(values, off)[0]
-                    # find(), inline for an entry alone with its hash (nearly all)
-                    kh = hash(key)
-                    i = exact_get(kh)
-                    e = cw[i] if i is not None and (not more or kh not in more) else None
-                    if (e is not None and e[3] is key[1] and e[5] is key[3]
-                            and e[2] == key[0] and e[4] == key[2]
-                            and (not k.netns or k.netns == e[0])):
-                        used[i] = 1
-                    else:
-                        e = find(key, k.netns)
+                    e = find(key, k.netns)
                     held = None
                     if e is not None and e[8] == k.rx_queue and e[10] == k.inode:
                         held = k.held if same_scan else holders.get(k.inode, ())
