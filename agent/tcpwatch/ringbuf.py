@@ -57,11 +57,24 @@ def walk(buf, cons: int, prod: int, mask: int, base: int = 0,
     and must slice to bytes (an mmap, bytes). Stops at the first record still BUSY, skips
     discarded ones, and after `limit` payloads if given. Pure: tests feed it a bytes buffer.
     """
+    start, end = span(cons, prod, mask, base)
+    out, off = walk_span(buf, start, end, limit)
+    return out, cons + (off - start)
+
+
+def span(cons: int, prod: int, mask: int, base: int = 0) -> tuple[int, int]:
+    """The byte offsets in the mapping of the records between positions cons and prod (never
+    past the second copy of the data area, so a record that wraps is contiguous there)."""
     avail = prod - cons
     if not 0 <= avail <= mask + 1:
         raise ValueError(f"ring positions out of range: consumer {cons}, producer {prod}")
     start = base + (cons & mask)
-    off, end = start, start + avail  # never past the second copy of the data area
+    return start, start + avail
+
+
+def walk_span(buf, start: int, end: int, limit: int | None = None) -> tuple[list[bytes], int]:
+    """walk() between two byte offsets of `buf`: (payloads, the offset reached)."""
+    off = start
     out: list[bytes] = []
     append = out.append
     with memoryview(buf) as mv, mv.cast("I") as words:
@@ -86,7 +99,7 @@ def walk(buf, cons: int, prod: int, mask: int, base: int = 0,
                     append(buf[off + HDR_SIZE:off + HDR_SIZE + hdr])
                     left -= 1
                 off += ((hdr & _LEN) + HDR_SIZE + 7) & ~7
-    return out, cons + (off - start)
+    return out, off
 
 
 class _MapInfo(ctypes.Structure):  # the head of struct bpf_map_info
@@ -174,30 +187,20 @@ class MmapRing:
 
     def drain(self, limit: int | None = None) -> list[bytes]:
         """Every submitted record (at most `limit`) as bytes, in ring order; frees their room."""
-        cons = self._cons[0]
-        prod = self._prod[0]
-        if cons == prod:
-            return []
-        out, new = walk(self._mm, cons, prod, self._mask, self._base, limit)
-        if new != cons:
-            # The payloads are copies now: hand their room back to the kernel.
-            self._cons[0] = new
-        return out
+        return self.drain_with(lambda buf, start, end: walk_span(buf, start, end, limit))
 
     def drain_with(self, scan: Callable[[mmap.mmap, int, int], tuple[list, int]]) -> list:
         """drain() with `scan(memory, start, end) -> (items, offset reached)` walking the
-        records between two byte offsets of this mapping (the same protocol as walk(), as
-        fastpath's compiled scanner does it); their room is freed up to where it stopped."""
+        records between two byte offsets of this mapping (walk_span(), or fastpath's
+        compiled scanner); their room is freed up to where it stopped."""
         cons = self._cons[0]
         prod = self._prod[0]
         if cons == prod:
             return []
-        avail = prod - cons
-        if not 0 <= avail <= self.data_size:
-            raise ValueError(f"ring positions out of range: consumer {cons}, producer {prod}")
-        start = self._base + (cons & self._mask)  # the area is mapped twice: no wrap here
-        items, reached = scan(self._mm, start, start + avail)
+        start, end = span(cons, prod, self._mask, self._base)
+        items, reached = scan(self._mm, start, end)
         if reached != start:
+            # The payloads are copies now: hand their room back to the kernel.
             self._cons[0] = cons + (reached - start)
         return items
 
