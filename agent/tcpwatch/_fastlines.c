@@ -399,37 +399,39 @@ static int state_line(Formatter *f, const struct tw_event *ev)
 	return HANDLED;
 }
 
-/* Handle one record here, or say it goes back to Python. */
-static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len)
+/* Handle the record at p here, or say it goes back to Python. A whole event is copied to
+ * *evp on the way (a shorter record is not): step() reads its socket from there. */
+static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
+	       struct tw_event *evp)
 {
-	struct tw_event ev;
-	if (len < sizeof(ev))
+	if (len < sizeof(*evp))
 		return DEFER;
-	memcpy(&ev, p, sizeof(ev));
+	memcpy(evp, p, sizeof(*evp));
+	const struct tw_event *ev = evp;
 	if (!s->have_first) {
 		s->have_first = 1;
-		s->first_ts = ev.ts_ns;
+		s->first_ts = ev->ts_ns;
 	}
-	int seen = seen_get(f, ev.sk);
+	int seen = seen_get(f, ev->sk);
 	if (seen == TAKEN)
 		return DEFER;
-	if (ev.kind == TW_KIND_STATE) {
-		if (ev.oldstate == TCP_CLOSE_WAIT || ev.newstate == TCP_CLOSE_WAIT)
+	if (ev->kind == TW_KIND_STATE) {
+		if (ev->oldstate == TCP_CLOSE_WAIT || ev->newstate == TCP_CLOSE_WAIT)
 			return DEFER;
-	} else if (ev.kind == TW_KIND_EOF || ev.kind == TW_KIND_OWNER) {
+	} else if (ev->kind == TW_KIND_EOF || ev->kind == TW_KIND_OWNER) {
 		if (s->unbound)
 			return DEFER; /* it may bind a pre-existing socket */
 	} else {
 		return DEFER;
 	}
 	if (seen != LEFT) {
-		int t = tracked(s, ev.sk);
+		int t = tracked(s, ev->sk);
 		if (t < 0)
 			return FAIL;
 		if (t)
 			return DEFER;
 	}
-	if (ev.kind != TW_KIND_STATE) {
+	if (ev->kind != TW_KIND_STATE) {
 		f->run_events++; /* news about a socket not in CLOSE_WAIT: nothing to say */
 		return HANDLED;
 	}
@@ -437,15 +439,13 @@ static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len)
 		s->room--;
 		return DEFER;
 	}
-	int r = state_line(f, &ev);
+	int r = state_line(f, ev);
 	if (r == HANDLED) {
 		f->run_lines++;
 		f->run_events++;
 	}
 	return r;
 }
-
-static int flush_run(Formatter *f, struct scan *s);
 
 static int flush_run(Formatter *f, struct scan *s)
 {
@@ -466,14 +466,13 @@ static int flush_run(Formatter *f, struct scan *s)
 static int step(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
 		PyObject *same)
 {
-	int r = one(f, s, p, len);
+	struct tw_event ev;
+	int r = one(f, s, p, len, &ev);
 	if (r == HANDLED)
 		return f->run_lines < RUN_LINES ? 0 : flush_run(f, s);
 	if (r == FAIL)
 		return -1;
-	if (len >= sizeof(struct tw_event)) {
-		struct tw_event ev;
-		memcpy(&ev, p, sizeof(ev));
+	if (len >= sizeof(ev)) { /* one() copied it */
 		int left = ev.kind == TW_KIND_STATE && ev.oldstate == TCP_CLOSE_WAIT &&
 			   ev.newstate != TCP_CLOSE_WAIT;
 		if (seen_put(f, ev.sk, left ? LEFT : TAKEN) < 0)
