@@ -140,6 +140,11 @@ class TraceLoop:
         self.stopping = False
         # None when a sink or setting needs every record built (see FastPath.build).
         self.fast = FastPath.build(aggregator, sinks, keep) if fast else None
+        # The compiled scanner reads a ring buffer in place when the source has one.
+        scan = self.fast.ring_scanner() if self.fast is not None else None
+        poll_scanned = getattr(source, "poll_scanned", None)
+        self._poll_scanned = (
+            (lambda timeout_s: poll_scanned(timeout_s, scan)) if scan and poll_scanned else None)
         resolve = aggregator.resolve_fn
         self.resolver = BackgroundResolver(resolve) if background_resolve and resolve else None
         self._retry_ns = 0  # after a failed lookup, when to try again
@@ -157,10 +162,7 @@ class TraceLoop:
     def _drain(self, timeout_s: float) -> None:
         fast = self.fast
         if fast is not None:
-            # The compiled scanner reads a ring buffer in place when the source has one.
-            scan = fast.ring_scanner()
-            poll_scanned = getattr(self.source, "poll_scanned", None)
-            items = poll_scanned(timeout_s, scan) if scan and poll_scanned else None
+            items = self._poll_scanned(timeout_s) if self._poll_scanned else None
             if items is not None:
                 fast.process_items(items)
             else:
