@@ -134,22 +134,50 @@ static __always_inline u64 count(int slot)
 // --- output: ring buffer (5.8+) or perf buffer, same event, same loss accounting ---
 #ifdef TW_PERF_BUFFER
 BPF_PERF_OUTPUT(events);
-BPF_PERCPU_ARRAY(scratch, struct tw_event, 1);
+// One event under construction per nesting level of this CPU (task, softirq, hardirq, NMI):
+// a raw recv/send hook does not hold bpf_prog_active, so a softirq state transition can run
+// the state program in the middle of the hook's event; with one slot it would overwrite it.
+#define TW_SCRATCH_LEVELS 4
+BPF_PERCPU_ARRAY(scratch, struct tw_event, TW_SCRATCH_LEVELS);
+BPF_PERCPU_ARRAY(scratch_level, u32, 1);
 
+// A nested program that comes between the read and the write of the level takes the same
+// slot, but it is done with it before this one goes on: a nested run ends before the one it
+// interrupted resumes.
 static __always_inline struct tw_event *event_reserve(void)
 {
 	int zero = 0;
+	u32 *level = scratch_level.lookup(&zero);
+	struct tw_event *e;
+	u32 i;
 
-	return scratch.lookup(&zero);
+	if (!level) {
+		count(TW_CNT_LOST);
+		return 0;
+	}
+	i = *level;
+	e = i < TW_SCRATCH_LEVELS ? scratch.lookup(&i) : 0;
+	if (!e) {
+		count(TW_CNT_LOST);
+		return 0;
+	}
+	*level = i + 1;
+	return e;
 }
 
 // Userspace asks for a wakeup every N events per CPU (wakeup_events) and drains on a timer.
 static __always_inline void event_submit(void *ctx, struct tw_event *e)
 {
+	int zero = 0;
+	u32 *level;
+
 	if (events.perf_submit(ctx, e, sizeof(*e)) < 0)
 		count(TW_CNT_LOST);
 	else
 		count(TW_CNT_EVENTS);
+	level = scratch_level.lookup(&zero);
+	if (level && *level)
+		*level -= 1;
 }
 #else
 BPF_RINGBUF_OUTPUT(events, TW_RB_PAGES);
