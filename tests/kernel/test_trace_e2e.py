@@ -121,7 +121,10 @@ def check_log(records: list[dict]) -> None:
         assert r["duration_s"] is None or r["duration_s"] >= 0, show(r)
         prev = last.get(r["sk"])
         if prev is not None:  # one socket's transitions chain up, in order
-            assert prev["new"] == r["old"], f"broken chain for {r['sk']}:\n{prev}\n{r}"
+            assert prev["new"] == r["old"], (
+                f"broken chain for {r['sk']}:\n{prev}\n{r}\nall its records:\n"
+                + show(*(x for x in records if x.get("sk") == r["sk"]))
+            )
             assert prev["ts"] <= r["ts"], f"out of order:\n{prev}\n{r}"
         # A closed socket's memory can be reused by a new socket: restart the chain.
         last[r["sk"]] = r if r["new"] != "CLOSE" else None
