@@ -558,12 +558,13 @@ done:
 // out; a firing it finds no record of, it handles itself: that is a skip. Records are
 // kept in small sets keyed by the firing, not in one slot, because a softirq can fire
 // between the two programs of one firing, adding and taking out records of its own.
-// A record stays behind when the raw program is itself skipped (a firing nested in its
-// own run: the classic one handled it). Should a later firing match it exactly (the same
-// socket address, reused by a new socket, making the same transition) while the classic
-// program is skipped for that one, it is taken for handled and not rescued: 0-2 in a
-// million transitions in tests/kernel/test_rescue_root.py. Those stay counted, since
-// missed = the kernel's skips - rescued.
+// A record would stay behind when the raw (rescue) program is itself skipped (a firing
+// nested in its own run: the classic one handled it), and should a later firing match it exactly
+// (the same socket address, reused by a new socket, making the same transition) while the
+// classic program is skipped for that one, it would be taken for handled and not rescued
+// (0-2 in a million transitions in tests/kernel/test_rescue_root.py before). So the rescue
+// program, as it ends, drops every record pushed since it began: the firings nested in its
+// run are over by then, and each one's record is either taken out or left behind.
 #define TW_RAN_SETS 16 // a power of two
 struct tw_ran_way {
 	u64 sk;  // 0: free
@@ -601,14 +602,10 @@ static __always_inline void ran_push(u64 sk, u16 st)
 }
 
 // 1 if the classic program ran for this firing (and forget it).
-static __always_inline int ran_pop(u64 sk, u16 st)
+static __always_inline int ran_pop(struct tw_ran *r, u64 sk, u16 st)
 {
-	int zero = 0;
-	struct tw_ran *r = ran.lookup(&zero);
 	u32 set = ran_set(sk, st);
 
-	if (!r)
-		return 1;
 	if (r->w[set][0].sk == sk && r->w[set][0].st == st) {
 		r->w[set][0].sk = 0;
 		return 1;
@@ -618,6 +615,22 @@ static __always_inline int ran_pop(u64 sk, u16 st)
 		return 1;
 	}
 	return 0;
+}
+
+// Forget the records pushed after `seq0`: called as the rescue program ends, when every
+// firing nested in its run is over; a record of one of them still there is one whose own
+// rescue was skipped.
+static __always_inline void ran_drop_after(struct tw_ran *r, u32 seq0)
+{
+	if (r->seq == seq0)
+		return;
+#pragma unroll
+	for (int i = 0; i < TW_RAN_SETS; i++) {
+		if ((s32)(r->w[i][0].seq - seq0) > 0)
+			r->w[i][0].sk = 0;
+		if ((s32)(r->w[i][1].seq - seq0) > 0)
+			r->w[i][1].sk = 0;
+	}
 }
 #endif
 
@@ -948,7 +961,7 @@ int tw_trace(struct bpf_raw_tracepoint_args *ctx)
 
 // The rescue program, for the classic state program, tw_top or tw_trace. Attached by the loader
 // after that one (not by bcc's autoload, whose order is not the source's).
-int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
+static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw_ran *r)
 {
 	int zero = 0, old = (int)ctx->args[1], new = (int)ctx->args[2];
 	u64 sk = ctx->args[0];
@@ -957,7 +970,7 @@ int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 	struct tw_sock *s;
 	struct tw_cfg *cf;
 
-	if (ran_pop(sk, (u16)(old << 8 | new)))
+	if (ran_pop(r, sk, (u16)(old << 8 | new)))
 		return 0;
 	cf = config.lookup(&zero);
 	if (!cf)
@@ -988,6 +1001,20 @@ int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
 		h.num = s->sport;
 	count(TW_CNT_RESCUED);
 	on_state(ctx, sk, old, new, h.family, h.num, ntohs(h.dport), saddr, daddr, TW_F_RESCUED);
+	return 0;
+}
+
+int tw_rescue(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0;
+	struct tw_ran *r = ran.lookup(&zero);
+	u32 seq0;
+
+	if (!r)
+		return 0;
+	seq0 = r->seq;
+	rescue(ctx, r);
+	ran_drop_after(r, seq0);
 	return 0;
 }
 #endif
