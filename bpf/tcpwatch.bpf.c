@@ -558,14 +558,18 @@ done:
 // out; a firing it finds no record of, it handles itself: that is a skip. Records are
 // kept in small sets keyed by the firing, not in one slot, because a softirq can fire
 // between the two programs of one firing, adding and taking out records of its own.
-// A record would stay behind when the raw (rescue) program is itself skipped (a firing
-// nested in its own run: the classic one handled it), and should a later firing match it exactly
-// (the same socket address, reused by a new socket, making the same transition) while the
-// classic program is skipped for that one, it would be taken for handled and not rescued
-// (0-2 in a million transitions in tests/kernel/test_rescue_root.py before). So the rescue
-// program, as it ends, drops every record pushed since it began: the firings nested in its
-// run are over by then, and each one's record is either taken out or left behind.
+// Records can stay behind: when the rescue program is itself skipped (a firing nested in
+// its own run, which the state program handled), or while the loader puts the rescue program
+// back after a raw state program. A free way is used first, so such a record could stay for
+// good, and a later skipped firing matching it (the same socket address, reused by a new
+// socket, making the same transition; freed sockets' memory is reused at once) was taken
+// for handled: 2-6 in 3 million transitions. So the rescue program, as it ends, drops the
+// records pushed during its run (the firings nested in it are over by then: a record of one
+// still there is one whose rescue was skipped), and a record older than TW_RAN_RECENT pushes
+// is taken for one left behind. A firing's own record is at most a softirq run of nested
+// firings old (their pushes come in between), far fewer.
 #define TW_RAN_SETS 16 // a power of two
+#define TW_RAN_RECENT 4096
 struct tw_ran_way {
 	u64 sk;  // 0: free
 	u32 seq; // push order: the older way of a full set is reused
@@ -601,25 +605,27 @@ static __always_inline void ran_push(u64 sk, u16 st)
 	w->seq = seq;
 }
 
-// 1 if the classic program ran for this firing (and forget it).
+// 1 if the state program ran for this firing (and forget its record, and any old one of
+// the same socket and transition).
 static __always_inline int ran_pop(struct tw_ran *r, u64 sk, u16 st)
 {
 	u32 set = ran_set(sk, st);
+	int ran = 0;
 
-	if (r->w[set][0].sk == sk && r->w[set][0].st == st) {
-		r->w[set][0].sk = 0;
-		return 1;
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		struct tw_ran_way *w = &r->w[set][i];
+
+		if (w->sk == sk && w->st == st) {
+			w->sk = 0;
+			ran |= r->seq - w->seq < TW_RAN_RECENT;
+		}
 	}
-	if (r->w[set][1].sk == sk && r->w[set][1].st == st) {
-		r->w[set][1].sk = 0;
-		return 1;
-	}
-	return 0;
+	return ran;
 }
 
 // Forget the records pushed after `seq0`: called as the rescue program ends, when every
-// firing nested in its run is over; a record of one of them still there is one whose own
-// rescue was skipped.
+// firing nested in its run is over.
 static __always_inline void ran_drop_after(struct tw_ran *r, u32 seq0)
 {
 	if (r->seq == seq0)
