@@ -199,8 +199,7 @@ class KernelSource:
         self.raw_state = False  # trace's raw path is on
         self._raw_fd = -1
         self._missed_shown = 0  # the highest `missed` counters() has returned
-        self._missed_before = 0  # the classic program's, when the raw one took over
-        self._raw_misses_from = self._rescued_from = 0
+        self._skips_from = self._rescued_from = 0  # the kernel's counts when tracing began
         self._raw_ok = False  # the struct reads it needs passed their checks
         self._sport_off = 0  # offset of inet_sport, found on the calibration sockets
         self._raw_link: int | None = None  # tw_top's or tw_trace's raw tracepoint attachment
@@ -296,6 +295,7 @@ class KernelSource:
             )
         else:
             warnings += self._open_ring()
+        self._count_skips_from_here()
         self._set(schema.layout().consts["TW_CFG_ENABLED"], 1)
         _release_compiler_memory()
 
@@ -393,16 +393,6 @@ class KernelSource:
         self._raw_link, self._raw_fd = fd, raw.fd
         self.bpf.detach_tracepoint(b"sock:inet_sock_set_state")
         # The classic program's skips end here: what it missed is fixed from now on.
-        # Baselines read until no rescue ran between the two reads of `rescued`: a pair of
-        # skip and rescue split by the reads would be a miss (or a rescue) forever after.
-        for _ in range(10):
-            rescued = self._count("RESCUED")
-            classic = sum(recursion_misses(f) for f in self._state_fds())
-            raw_from = recursion_misses(raw.fd)
-            if self._count("RESCUED") == rescued:
-                break
-        self._missed_before = max(0, classic - rescued)
-        self._raw_misses_from, self._rescued_from = raw_from, rescued
         self._set(c[slot], 1)
         self.cw_raw, self.raw_state = bool(self.opts.cw_map), not self.opts.cw_map
 
@@ -640,13 +630,27 @@ class KernelSource:
     def _missed_once(self) -> tuple[int, int]:
         # Skips first, then rescues: a rescue comes after its skip, so read this way round
         # every rescue of a skip counted here is usually in (and never a rescue too many).
-        if self.cw_raw or self.raw_state:  # the raw program since the switch, then tw_rescue
-            skips = recursion_misses(self._raw_fd) - self._raw_misses_from
-            rescued = self._count("RESCUED")
-            return self._missed_before + max(0, skips - (rescued - self._rescued_from)), rescued
-        skips = sum(recursion_misses(fd) for fd in self._state_fds())
-        rescued = self._count("RESCUED")
+        skips = self.skips() - self._skips_from
+        rescued = self._count("RESCUED") - self._rescued_from
         return max(0, skips - rescued), rescued
+
+    def skips(self) -> int:
+        """The kernel's skips of the state program since it was loaded: the classic one's,
+        and the raw one's (tw_top or tw_trace) once it took over."""
+        raw = recursion_misses(self._raw_fd) if self.cw_raw or self.raw_state else 0
+        return sum(recursion_misses(fd) for fd in self._state_fds()) + raw
+
+    def _count_skips_from_here(self) -> None:
+        """Skips and rescues count from now on, when events start to be sent: a skip before
+        (during the calibration, the rescue program does not take over yet) lost nothing.
+        Read until no rescue ran between the two reads of `rescued`: a skip and its rescue
+        split by the reads would be a miss (or a rescue) for good."""
+        for _ in range(10):
+            rescued = self._count("RESCUED")
+            skips = self.skips()
+            if self._count("RESCUED") == rescued:
+                break
+        self._skips_from, self._rescued_from = skips, rescued
 
     def read_exits(self) -> list[tuple[tuple, int, bytes]]:
         """The `exits` map (top's raw path): [(struct tw_exit_key values, count since
