@@ -996,10 +996,13 @@ static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw
 	}
 	if (!skc_tuple(cf, sk, &h, saddr, daddr))
 		return 0;
-	// Already in the new state: the classic program did run, but nested firings took both
-	// ways of its set in `ran`. Not a transition to handle twice.
+	// Already in the new state: the classic program did run, but its record in `ran` was
+	// lost. Not a transition to handle twice. A transition to CLOSE leaves no entry to tell
+	// by: without one, the state program ran for it (and deleted the entry), or the socket
+	// was never seen (older than tracing, or evicted); a true skip of the latter is left
+	// counted in `missed` rather than risk the former twice.
 	s = socks.lookup(&sk);
-	if (s && s->state == new)
+	if (s ? s->state == new : new == TS_CLOSE)
 		return 0;
 	count(TW_CNT_UNRAN);
 	// skc_num zeroed on the way to CLOSE and inet_sport not found: the port this socket had.
