@@ -296,6 +296,27 @@ def test_port_risk_and_fin_wait2_from_entries():
     assert list(tally.first_seen.values()) == [100.0]
 
 
+def test_a_counted_tally_lets_go_of_the_last_frames_first_sightings():
+    """Once the snapshot is counted, the previous frame's first sightings (a dict as big as
+    the host's FIN_WAIT2 sockets) are no longer kept alive by the tally."""
+    import weakref
+
+    class Firsts(dict):  # a dict that can be weakly referenced
+        pass
+
+    e = [Entry(NETNS, 4, "10.0.0.1", 40000 + i, "10.0.0.60", 5432, state=5) for i in range(3)]
+    before = Firsts({hostinfo.seen_key(e[0]): 100.0})
+    tally = hostinfo.HostTally((40000, 40011), before, 160.0)
+    tally.take(e)
+    tally.counted()
+    gone = weakref.ref(before)
+    del before
+    assert gone() is None
+    assert sorted(tally.first_seen.values()) == [100.0, 160.0, 160.0]  # carried over alike
+    (peer,) = tally.fin_wait2()
+    assert (peer.count, peer.oldest_s) == (3, 60.0)
+
+
 def test_tally_merges_one_endpoint_written_two_ways():
     """IPv4 and v4-mapped IPv6 sockets to one peer: one port-risk row, one FIN_WAIT2 row,
     each port counted once."""

@@ -345,6 +345,7 @@ class _HostView:
         tally = hostinfo.HostTally(hostinfo.read_port_range(), self.first_seen,
                                    self.clock() / 1e9)
         entries = self._snapshot(tally)
+        tally.counted()
         self.first_seen = tally.first_seen
         if self.started_s is None:
             self.started_s = tally.now_s

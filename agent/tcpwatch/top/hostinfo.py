@@ -256,6 +256,12 @@ class HostTally(Tally):
             if first < peer[1]:
                 peer[1] = first
 
+    def counted(self) -> None:
+        """The snapshot is all counted: let go of the previous frame's first sightings (a
+        100,000-entry dict and its keys with as many FIN_WAIT2 sockets), which would
+        otherwise stay alive beside this frame's while the rest of the frame is built."""
+        self._before = {}.get  # (a later take() sees every socket anew)
+
     def _held_texts(self) -> Iterator[tuple[tuple[int, str, str, int], set[int]]]:
         """((netns, laddr, raddr, rport), local ports) from take() and take_ids() alike."""
         yield from self._held.items()
