@@ -926,6 +926,18 @@ def test_holder_inodes_are_worked_out_only_when_a_scan_is_due():
     assert cache.get(lambda: set()) == {}  # due, nothing to look for
 
 
+def test_a_scan_keeps_the_inode_set_made_for_it_and_copies_a_callers_own():
+    """100,000 inodes are 4 MB a set: one worked out for the scan is handed over as is."""
+    from tcpwatch.top.collect import HolderCache
+
+    given = []
+    cache = HolderCache(lambda wanted: given.append(wanted) or {i: ["x"] for i in wanted})
+    made = {7, 8}
+    assert cache.get(lambda: made) == {7: ["x"], 8: ["x"]} and given[-1] is made
+    mine = {9}
+    assert cache.get(mine) == {9: ["x"]} and given[-1] == mine and given[-1] is not mine
+
+
 def test_cheap_holder_scans_happen_every_frame():
     from tcpwatch.top.collect import HolderCache
 

@@ -242,6 +242,12 @@ def listener_of(e: TcpEntry, listeners: dict[tuple[int, int, str], int]) -> int:
             or listeners.get((e.netns, e.lport, "*")) or 0)
 
 
+def _without_0(inodes: set[int]) -> set[int]:
+    """inodes less 0 (not found), in place: `inodes - {0}` would copy 100,000 of them."""
+    inodes.discard(0)
+    return inodes
+
+
 class HolderCache:
     """Who holds which socket inode, from /proc/*/fd scans reused across frames.
 
@@ -278,14 +284,15 @@ class HolderCache:
         if busy or fresh:
             # Looked up by inode, never 0: without inodes to look for, all lookups miss.
             return found
-        if callable(inodes):
-            inodes = inodes()
+        # A scan keeps the set it looks for: one made for it is handed over as is (a copy of
+        # 100,000 inodes is 4 MB more while the scan runs), a caller's own is copied.
+        inodes = inodes() if callable(inodes) else set(inodes)
         if not inodes:
             return {}
         if self.scans == 0 or self._cost < self.SYNC_S:
-            self._scan(set(inodes), now)
+            self._scan(inodes, now)
             return self._found
-        self._worker = threading.Thread(target=self._scan, args=(set(inodes), now),
+        self._worker = threading.Thread(target=self._scan, args=(inodes, now),
                                         name="tcpwatch-holders", daemon=True)
         self._worker.start()
         return found
@@ -444,8 +451,8 @@ class SnapshotCollector:
         now_s = tally.now_s
         cw = [e for e in entries if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
         listeners = listener_inodes(entries)
-        inodes = {e.inode or listener_of(e, listeners) for e in cw}
-        holders = v.holders.get(inodes - {0})
+        holders = v.holders.get(lambda: _without_0({e.inode or listener_of(e, listeners)
+                                                    for e in cw}))
         current = {e[:6]: (e, s) for e, s in zip(
             cw, v.cw_socks(cw, holders, now_s, listeners, self.leak_after_s))}
         if self._previous is not None:
@@ -848,8 +855,8 @@ class KernelCollector:
         cw = [e for e in entries if e[6] == CLOSE_WAIT]
         listeners = listener_inodes(entries)
         # The inodes to look for, only worked out when a scan is due (100,000s of them).
-        holders = v.holders.get(lambda: {e.inode or listener_of(e, listeners) for e in cw
-                                         if wanted(e.lport, e.rport)} - {0})
+        holders = v.holders.get(lambda: _without_0({e.inode or listener_of(e, listeners)
+                                                    for e in cw if wanted(e.lport, e.rport)}))
         span = v.span(now_s)
         window_ns = (now_s - span) * 1e9 if self.cw_map else float("inf")
         f = _Frame(_ProcIndex(cw), holders, listeners, now_ns, window_ns)
