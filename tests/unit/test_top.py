@@ -317,6 +317,28 @@ def test_a_counted_tally_lets_go_of_the_last_frames_first_sightings():
     assert (peer.count, peer.oldest_s) == (3, 60.0)
 
 
+def test_port_risk_counts_a_local_port_held_twice_towards_one_peer_once():
+    """Two sockets on one local port to one peer (a TIME_WAIT and its successor, or v4 and
+    v4-mapped): one port held, whether counted from entries or from netlink ids."""
+    def sid(lport_peer: int, laddr: bytes, raddr: bytes) -> bytes:
+        return lport_peer.to_bytes(2, "big") + laddr.ljust(16, b"\0") + raddr.ljust(16, b"\0")
+
+    e = [Entry(NETNS, 4, "10.0.0.1", 40001, "10.0.0.60", 5432, state=st) for st in (1, 6)]
+    e.append(Entry(NETNS, 6, "::ffff:10.0.0.1", 40001, "::ffff:10.0.0.60", 5432, state=1))
+    e.append(Entry(NETNS, 4, "10.0.0.1", 40002, "10.0.0.60", 5432, state=1))
+    text = hostinfo.HostTally((40000, 40011), {}, 1.0)
+    text.take(e)
+    ids = hostinfo.HostTally((40000, 40011), {}, 1.0)
+    one = sid(5432, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 60]))
+    ids.take_ids(NETNS, 4, bytes([1, 6, 1]), [40001, 40001, 40002], [one, one, one])
+    mapped = sid(5432, bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]),
+                 bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 60]))
+    ids.take_ids(NETNS, 6, bytes([1]), [40001], [mapped])
+    for tally in (text, ids):
+        (risk,) = tally.port_risk(set())
+        assert (risk.laddr, risk.remote, risk.held) == ("10.0.0.1", "10.0.0.60:5432", 2)
+
+
 def test_tally_merges_one_endpoint_written_two_ways():
     """IPv4 and v4-mapped IPv6 sockets to one peer: one port-risk row, one FIN_WAIT2 row,
     each port counted once."""
