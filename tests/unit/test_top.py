@@ -609,7 +609,7 @@ class World:
         """One random change; its name."""
         rng, live = self.rng, [s for s in self.socks.values() if s["in_map"] and s["in_proc"]]
         what = rng.choice(["new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
-                           "reuse", "missed_exit", "cgroup", "twin", "nothing"])
+                           "reuse", "missed_exit", "cgroup", "twin", "reorder", "nothing"])
         sock = rng.choice(live) if live else None
         if what == "new" or sock is None:
             self.add()
@@ -636,11 +636,18 @@ class World:
                 del self.socks[self.next_sk - 64]
         elif what == "missed_exit":  # gone from /proc, the map still has it: stale in 1 s
             sock["in_proc"] = False
+        elif what == "reorder":  # /proc lists the sockets in another order
+            order = list(self.socks.items())
+            rng.shuffle(order)
+            self.socks = dict(order)
         elif what == "cgroup":
             self.cgroups[rng.choice([812, 813, 900])] = rng.choice(["/a", "/x", "/y"])
         elif what == "twin":  # the same 4-tuple in another namespace, tracked or not
-            twin = dict(sock, proc_netns=NETNS + 1, inode=0)
-            twin["netns"] = rng.choice([NETNS + 1, NETNS + 1, 0])
+            # (one that has none yet: the kernel keeps one socket per 4-tuple and namespace)
+            ns = 1 + max(s["proc_netns"] for s in self.socks.values()
+                         if (s["raddr"], s["rport"]) == (sock["raddr"], sock["rport"]))
+            twin = dict(sock, proc_netns=ns, inode=0)
+            twin["netns"] = rng.choice([ns, ns, 0])
             self.socks[self.next_sk] = twin
             self.next_sk += 64
             twin["in_map"] = rng.random() < 0.5
@@ -700,8 +707,8 @@ def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypa
     """A collector that keeps its CwSocks from frame to frame shows, after every change,
     the sockets a new collector makes from scratch: owners, EOF, receive queues, accepts,
     holders (changed, or rescanned alike), closes, reused sk addresses, missed exits, cgroups,
-    one 4-tuple in two namespaces, ages and leaks as time passes. (colliding: the /proc
-    index's 4-tuple hashes fall in 3 values.)"""
+    one 4-tuple in two namespaces, /proc's order, ages and leaks as time passes. (colliding:
+    the /proc index's 4-tuple hashes fall in 3 values.)"""
     import builtins
     import random
 
@@ -740,7 +747,7 @@ def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypa
         assert set(kept._known) == {sk for sk, s in world.socks.items() if s["in_map"]}
         shown += len(got)
     assert seen_changes >= {"new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
-                            "reuse", "missed_exit", "cgroup", "twin"}
+                            "reuse", "missed_exit", "cgroup", "twin", "reorder"}
     assert kept.source.forgotten  # missed exits were forgotten
     # most sockets were kept, not made again (never-accepted ones, a third of the new ones,
     # are always made again)
