@@ -317,6 +317,50 @@ def test_a_counted_tally_lets_go_of_the_last_frames_first_sightings():
     assert (peer.count, peer.oldest_s) == (3, 60.0)
 
 
+def test_a_socket_listed_twice_keeps_its_first_sighting():
+    """The tally moves each sighting out of the last frame's dict: a FIN_WAIT2 socket a dump
+    lists twice (entries, or netlink ids) still has its old first sighting, not now."""
+    e = Entry(NETNS, 4, "10.0.0.1", 40001, "10.0.0.60", 5432, state=5)
+    text = hostinfo.HostTally((40000, 40011), {hostinfo.seen_key(e): 100.0}, 160.0)
+    text.take([e, e])
+    sid = (5432).to_bytes(2, "big") + bytes([10, 0, 0, 1]).ljust(16, b"\0") + bytes(
+        [10, 0, 0, 60]).ljust(16, b"\0")
+    key = hostinfo.seen_id_key(NETNS, 4, 40001, sid)
+    ids = hostinfo.HostTally((40000, 40011), {key: 100.0}, 160.0)
+    ids.take_ids(NETNS, 4, bytes([5, 5]), [40001, 40001], [sid, sid])
+    ids.take_ids(NETNS, 4, bytes([5]), [40001], [sid])  # and in a later datagram
+    for tally, listed in ((text, 2), (ids, 3)):
+        assert list(tally.first_seen.values()) == [100.0]
+        assert [(p.count, p.oldest_s) for p in tally.fin_wait2()] == [(listed, 60.0)]
+
+
+def test_a_failed_snapshot_keeps_the_first_sightings_it_took_over(monkeypatch):
+    e = [Entry(NETNS, 4, "10.0.0.1", 40000 + i, "10.0.0.60", 5432, state=5) for i in range(3)]
+    rows = [e]
+
+    def snapshot():
+        if not rows:
+            raise OSError("netlink went away")
+        return rows.pop()
+
+    view = collect._HostView(10.0, (), snapshot, lambda inodes: {}, Clock(100.0))
+    view.read()
+    first = dict(view.first_seen)
+    assert len(first) == 3
+
+    class Half(hostinfo.HostTally):  # counts the first batch, then the dump fails
+        def take(self, entries):
+            super().take(entries[:2])
+            raise OSError("netlink went away")
+
+    rows.append(e)
+    monkeypatch.setattr(hostinfo, "HostTally", Half)
+    view.clock.t += 5 * SEC
+    with pytest.raises(OSError):
+        view.read()
+    assert view.first_seen == first
+
+
 def test_port_risk_counts_a_local_port_held_twice_towards_one_peer_once():
     """Two sockets on one local port to one peer (a TIME_WAIT and its successor, or v4 and
     v4-mapped): one port held, whether counted from entries or from netlink ids."""

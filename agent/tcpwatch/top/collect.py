@@ -373,7 +373,11 @@ class _HostView:
         self._cgroups.clear()
         tally = hostinfo.HostTally(hostinfo.read_port_range(), self.first_seen,
                                    self.clock() / 1e9)
-        entries = self._snapshot(tally)
+        try:
+            entries = self._snapshot(tally)
+        except BaseException:  # the tally took sightings over: the next frame needs them
+            self.first_seen.update(tally.first_seen)
+            raise
         tally.counted()
         self.first_seen = tally.first_seen
         if self.started_s is None:

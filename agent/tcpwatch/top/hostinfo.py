@@ -148,7 +148,9 @@ class HostTally(Tally):
     TcpEntry at all. Either way the figures are the same.
 
     first_seen: the previous frame's seen_key() -> first sight (monotonic seconds) of its
-    FIN_WAIT2 sockets; the tally's own `first_seen` has those of this one. (The CLOSE_WAIT
+    FIN_WAIT2 sockets, taken over: each socket seen again is moved out of it into the
+    tally's own `first_seen` (this frame's), so that the two frames' 100,000s of keys are
+    not all alive at once; what is left in it is gone. (The CLOSE_WAIT
     sockets top shows from /proc alone keep theirs in the collector: most are tracked by
     the kernel, whose entry times are better.)
 
@@ -171,7 +173,7 @@ class HostTally(Tally):
         self.now_s = now_s
         self.states: dict[int, int] = {}
         self.first_seen: dict[int, float] = {}
-        self._before = first_seen.get
+        self._before = first_seen.pop
         self._ports: set[int] = set()  # local ports in the range, any namespace
         # (netns, laddr, raddr, rport) -> local ports in the range: merged per canonical
         # address and endpoint text at the end (few keys; formatting per socket is not free).
@@ -196,7 +198,8 @@ class HostTally(Tally):
             states[state] = states.get(state, 0) + 1
             if state == FIN_WAIT2:
                 key = seen_key_of(e)
-                first = seen[key] = before(key, now)
+                # setdefault: a key seen twice in one frame keeps its first sighting
+                first = seen.setdefault(key, before(key, now))
                 peer = fw2.get((raddr, rport))
                 if peer is None:
                     fw2[(raddr, rport)] = [1, first]
@@ -246,7 +249,8 @@ class HostTally(Tally):
         keys = list(map(hash, zip(repeat(netns), repeat(family), compress(lports, fin_wait2),
                                   fw_ids)))  # seen_id_key() of each
         firsts = list(map(self._before, keys, repeat(self.now_s)))
-        self.first_seen.update(zip(keys, firsts))
+        # setdefault: a key seen twice in one frame keeps its first sighting
+        firsts = list(map(self.first_seen.setdefault, keys, firsts))
         fw2 = self._fin_wait2_ids
         for sid, n in Counter(fw_ids).items():
             peer = fw2.get((family, sid))
@@ -260,10 +264,10 @@ class HostTally(Tally):
                 peer[1] = first
 
     def counted(self) -> None:
-        """The snapshot is all counted: let go of the previous frame's first sightings (a
-        100,000-entry dict and its keys with as many FIN_WAIT2 sockets), which would
-        otherwise stay alive beside this frame's while the rest of the frame is built."""
-        self._before = {}.get  # (a later take() sees every socket anew)
+        """The snapshot is all counted: let go of what is left of the previous frame's first
+        sightings (with the table of a 100,000-entry dict at as many FIN_WAIT2 sockets),
+        which would otherwise stay alive while the rest of the frame is built."""
+        self._before = {}.pop  # (a later take() sees every socket anew)
 
     def _held_texts(self) -> Iterator[tuple[tuple[int, str, str, int], array]]:
         """((netns, laddr, raddr, rport), local ports) from take() and take_ids() alike."""
