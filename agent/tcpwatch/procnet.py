@@ -521,7 +521,9 @@ def holders_of(inodes: Iterable[int], proc_root: str = "/proc", fds: bool = True
     >>> holders_of([9204, 0, 777])  # doctest: +SKIP
     {9204: [Holder(pid=812, comm='server', fd=5), Holder(pid=815, comm='worker', fd=5)]}
     """
-    wanted = {i for i in inodes if i}
+    # A set without 0 is used as is (top's scans: 100,000 inodes, 4 MB a copy).
+    wanted = (inodes if isinstance(inodes, (set, frozenset)) and 0 not in inodes
+              else {i for i in inodes if i})
     found: dict[int, list[Holder]] = {}
     if not wanted:
         return found

@@ -161,3 +161,44 @@ def test_every_thread_allocates_from_one_malloc_arena():
     from tcpwatch.cli import one_malloc_arena
 
     assert one_malloc_arena() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_top_has_every_large_block_mapped_and_given_back():
+    """With large_blocks_mapped() a 1 MiB block is its own mapping even after a larger one
+    was freed (glibc's default then raises its threshold to 8 MiB and takes the block from
+    the heap), and it is unmapped when freed. In a fresh interpreter: a heap that already
+    has a free chunk big enough serves the block from there either way."""
+    import platform
+
+    from tcpwatch.cli import large_blocks_mapped
+
+    if platform.libc_ver()[0] != "glibc":
+        assert not large_blocks_mapped()
+        return
+    script = """
+import ctypes, sys
+from tcpwatch.cli import large_blocks_mapped
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+if sys.argv[1] == "mapped":
+    assert large_blocks_mapped()
+big = bytearray(8 << 20)
+del big
+before = mallinfo2().hblkhd
+block = bytearray(1 << 20)
+during = mallinfo2().hblkhd
+del block
+print(during - before >= 1 << 20, mallinfo2().hblkhd == before)
+"""
+    def run(how: str) -> str:
+        return subprocess.run([sys.executable, "-c", script, how], capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    assert run("mapped") == ["True", "True"]
+    assert run("default") == ["False", "True"]  # glibc's own way: from the heap

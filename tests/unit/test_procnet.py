@@ -217,6 +217,17 @@ def test_holders_of_never_looks_up_inode_0(tmp_path):
     assert holders_of([0], proc) == {}
 
 
+def test_holders_of_takes_a_set_of_inodes_as_given_or_without_0(two_ns):
+    proc, _ = two_ns
+    wanted = {9204, 8888}
+    assert holders_of(wanted, proc, fds=False) == {
+        9204: (Holder(100, "server", None), Holder(101, "worker", None)),
+        8888: (Holder(200, "other", None),)}
+    assert wanted == {9204, 8888}  # not changed
+    assert holders_of({0, 9208}, proc) == {9208: [Holder(100, "server", 6)]}
+    assert holders_of(frozenset({9999}), proc) == {9999: [Holder(200, "other", 3)]}
+
+
 def test_holders_of_skips_vanished(tmp_path):
     proc = make_proc(
         tmp_path / "proc",

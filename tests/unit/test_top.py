@@ -296,6 +296,93 @@ def test_port_risk_and_fin_wait2_from_entries():
     assert list(tally.first_seen.values()) == [100.0]
 
 
+def test_a_counted_tally_lets_go_of_the_last_frames_first_sightings():
+    """Once the snapshot is counted, the previous frame's first sightings (a dict as big as
+    the host's FIN_WAIT2 sockets) are no longer kept alive by the tally."""
+    import weakref
+
+    class Firsts(dict):  # a dict that can be weakly referenced
+        pass
+
+    e = [Entry(NETNS, 4, "10.0.0.1", 40000 + i, "10.0.0.60", 5432, state=5) for i in range(3)]
+    before = Firsts({hostinfo.seen_key(e[0]): 100.0})
+    tally = hostinfo.HostTally((40000, 40011), before, 160.0)
+    tally.take(e)
+    tally.counted()
+    gone = weakref.ref(before)
+    del before
+    assert gone() is None
+    assert sorted(tally.first_seen.values()) == [100.0, 160.0, 160.0]  # carried over alike
+    (peer,) = tally.fin_wait2()
+    assert (peer.count, peer.oldest_s) == (3, 60.0)
+
+
+def test_a_socket_listed_twice_keeps_its_first_sighting():
+    """The tally moves each sighting out of the last frame's dict: a FIN_WAIT2 socket a dump
+    lists twice (entries, or netlink ids) still has its old first sighting, not now."""
+    e = Entry(NETNS, 4, "10.0.0.1", 40001, "10.0.0.60", 5432, state=5)
+    text = hostinfo.HostTally((40000, 40011), {hostinfo.seen_key(e): 100.0}, 160.0)
+    text.take([e, e])
+    sid = (5432).to_bytes(2, "big") + bytes([10, 0, 0, 1]).ljust(16, b"\0") + bytes(
+        [10, 0, 0, 60]).ljust(16, b"\0")
+    key = hostinfo.seen_id_key(NETNS, 4, 40001, sid)
+    ids = hostinfo.HostTally((40000, 40011), {key: 100.0}, 160.0)
+    ids.take_ids(NETNS, 4, bytes([5, 5]), [40001, 40001], [sid, sid])
+    ids.take_ids(NETNS, 4, bytes([5]), [40001], [sid])  # and in a later datagram
+    for tally, listed in ((text, 2), (ids, 3)):
+        assert list(tally.first_seen.values()) == [100.0]
+        assert [(p.count, p.oldest_s) for p in tally.fin_wait2()] == [(listed, 60.0)]
+
+
+def test_a_failed_snapshot_keeps_the_first_sightings_it_took_over(monkeypatch):
+    e = [Entry(NETNS, 4, "10.0.0.1", 40000 + i, "10.0.0.60", 5432, state=5) for i in range(3)]
+    rows = [e]
+
+    def snapshot():
+        if not rows:
+            raise OSError("netlink went away")
+        return rows.pop()
+
+    view = collect._HostView(10.0, (), snapshot, lambda inodes: {}, Clock(100.0))
+    view.read()
+    first = dict(view.first_seen)
+    assert len(first) == 3
+
+    class Half(hostinfo.HostTally):  # counts the first batch, then the dump fails
+        def take(self, entries):
+            super().take(entries[:2])
+            raise OSError("netlink went away")
+
+    rows.append(e)
+    monkeypatch.setattr(hostinfo, "HostTally", Half)
+    view.clock.t += 5 * SEC
+    with pytest.raises(OSError):
+        view.read()
+    assert view.first_seen == first
+
+
+def test_port_risk_counts_a_local_port_held_twice_towards_one_peer_once():
+    """Two sockets on one local port to one peer (a TIME_WAIT and its successor, or v4 and
+    v4-mapped): one port held, whether counted from entries or from netlink ids."""
+    def sid(lport_peer: int, laddr: bytes, raddr: bytes) -> bytes:
+        return lport_peer.to_bytes(2, "big") + laddr.ljust(16, b"\0") + raddr.ljust(16, b"\0")
+
+    e = [Entry(NETNS, 4, "10.0.0.1", 40001, "10.0.0.60", 5432, state=st) for st in (1, 6)]
+    e.append(Entry(NETNS, 6, "::ffff:10.0.0.1", 40001, "::ffff:10.0.0.60", 5432, state=1))
+    e.append(Entry(NETNS, 4, "10.0.0.1", 40002, "10.0.0.60", 5432, state=1))
+    text = hostinfo.HostTally((40000, 40011), {}, 1.0)
+    text.take(e)
+    ids = hostinfo.HostTally((40000, 40011), {}, 1.0)
+    one = sid(5432, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 60]))
+    ids.take_ids(NETNS, 4, bytes([1, 6, 1]), [40001, 40001, 40002], [one, one, one])
+    mapped = sid(5432, bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]),
+                 bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 60]))
+    ids.take_ids(NETNS, 6, bytes([1]), [40001], [mapped])
+    for tally in (text, ids):
+        (risk,) = tally.port_risk(set())
+        assert (risk.laddr, risk.remote, risk.held) == ("10.0.0.1", "10.0.0.60:5432", 2)
+
+
 def test_tally_merges_one_endpoint_written_two_ways():
     """IPv4 and v4-mapped IPv6 sockets to one peer: one port-risk row, one FIN_WAIT2 row,
     each port counted once."""
@@ -566,7 +653,7 @@ class World:
         """One random change; its name."""
         rng, live = self.rng, [s for s in self.socks.values() if s["in_map"] and s["in_proc"]]
         what = rng.choice(["new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
-                           "reuse", "missed_exit", "cgroup", "twin", "nothing"])
+                           "reuse", "missed_exit", "cgroup", "twin", "reorder", "nothing"])
         sock = rng.choice(live) if live else None
         if what == "new" or sock is None:
             self.add()
@@ -593,11 +680,18 @@ class World:
                 del self.socks[self.next_sk - 64]
         elif what == "missed_exit":  # gone from /proc, the map still has it: stale in 1 s
             sock["in_proc"] = False
+        elif what == "reorder":  # /proc lists the sockets in another order
+            order = list(self.socks.items())
+            rng.shuffle(order)
+            self.socks = dict(order)
         elif what == "cgroup":
             self.cgroups[rng.choice([812, 813, 900])] = rng.choice(["/a", "/x", "/y"])
         elif what == "twin":  # the same 4-tuple in another namespace, tracked or not
-            twin = dict(sock, proc_netns=NETNS + 1, inode=0)
-            twin["netns"] = rng.choice([NETNS + 1, NETNS + 1, 0])
+            # (one that has none yet: the kernel keeps one socket per 4-tuple and namespace)
+            ns = 1 + max(s["proc_netns"] for s in self.socks.values()
+                         if (s["raddr"], s["rport"]) == (sock["raddr"], sock["rport"]))
+            twin = dict(sock, proc_netns=ns, inode=0)
+            twin["netns"] = rng.choice([ns, ns, 0])
             self.socks[self.next_sk] = twin
             self.next_sk += 64
             twin["in_map"] = rng.random() < 0.5
@@ -657,8 +751,8 @@ def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypa
     """A collector that keeps its CwSocks from frame to frame shows, after every change,
     the sockets a new collector makes from scratch: owners, EOF, receive queues, accepts,
     holders (changed, or rescanned alike), closes, reused sk addresses, missed exits, cgroups,
-    one 4-tuple in two namespaces, ages and leaks as time passes. (colliding: the /proc
-    index's 4-tuple hashes fall in 3 values.)"""
+    one 4-tuple in two namespaces, /proc's order, ages and leaks as time passes. (colliding:
+    the /proc index's 4-tuple hashes fall in 3 values.)"""
     import builtins
     import random
 
@@ -697,7 +791,7 @@ def test_tracked_sockets_kept_from_frame_to_frame_are_those_made_afresh(monkeypa
         assert set(kept._known) == {sk for sk, s in world.socks.items() if s["in_map"]}
         shown += len(got)
     assert seen_changes >= {"new", "owner", "eof", "rx", "accept", "holder", "rescan", "close",
-                            "reuse", "missed_exit", "cgroup", "twin"}
+                            "reuse", "missed_exit", "cgroup", "twin", "reorder"}
     assert kept.source.forgotten  # missed exits were forgotten
     # most sockets were kept, not made again (never-accepted ones, a third of the new ones,
     # are always made again)
@@ -903,6 +997,18 @@ def test_holder_inodes_are_worked_out_only_when_a_scan_is_due():
     assert cache.get(inodes) == {7: ["x"]} and len(asked) == 1  # reused: not worked out
     cache._at -= 20.0
     assert cache.get(lambda: set()) == {}  # due, nothing to look for
+
+
+def test_a_scan_keeps_the_inode_set_made_for_it_and_copies_a_callers_own():
+    """100,000 inodes are 4 MB a set: one worked out for the scan is handed over as is."""
+    from tcpwatch.top.collect import HolderCache
+
+    given = []
+    cache = HolderCache(lambda wanted: given.append(wanted) or {i: ["x"] for i in wanted})
+    made = {7, 8}
+    assert cache.get(lambda: made) == {7: ["x"], 8: ["x"]} and given[-1] is made
+    mine = {9}
+    assert cache.get(mine) == {9: ["x"]} and given[-1] == mine and given[-1] is not mine
 
 
 def test_cheap_holder_scans_happen_every_frame():

@@ -72,6 +72,8 @@ class _ProcIndex:
     The dict is keyed by the 4-tuple's hash, an int (looking 100,000 sockets up by tuple
     took 3 times as long), and the entry found is checked field by field. Entries found
     are marked (a byte each, not a set of 100,000 ids): unused() is the rest.
+    find_at() looks where a socket was in the last frame's table first: the dict (11 MB
+    with its keys and positions at 100,000 sockets) is only built if one is elsewhere.
     """
 
     def __init__(self, cw: list[TcpEntry]) -> None:
@@ -80,6 +82,7 @@ class _ProcIndex:
         self.more: dict[int, list[int]] = {}  # hashes of more than one entry
         self._canonical: dict[tuple, list[int]] | None = None
         self.used = bytearray(len(cw))
+        self.at = -1  # the position of the entry the last find returned (-1: none)
 
     def exact(self) -> dict[int, int]:
         """hash(key) -> the position of the one entry with that hash (see `more`)."""
@@ -94,6 +97,20 @@ class _ProcIndex:
             self._exact = exact
         return self._exact
 
+    def find_at(self, pos: int, key: tuple, netns: int) -> TcpEntry | None:
+        """find(), looking first at position `pos`: where the socket was in the last frame
+        (a dump lists the sockets that stayed in the same order). Only with a namespace:
+        with 0, find() gives the first entry with the key, which `pos` may not be."""
+        cw = self.cw
+        if netns and 0 <= pos < len(cw):
+            e = cw[pos]
+            if (e[3] == key[1] and e[5] == key[3] and e[2] == key[0] and e[4] == key[2]
+                    and e[0] == netns):
+                self.used[pos] = 1
+                self.at = pos
+                return e
+        return self.find(key, netns)
+
     def find(self, key: tuple, netns: int) -> TcpEntry | None:
         """The entry of a tracked socket: key (laddr, lport, raddr, rport)."""
         exact, cw = self.exact(), self.cw
@@ -105,8 +122,10 @@ class _ProcIndex:
             e = cw[i]
             if e[3] == key[1] and e[5] == key[3] and e[2] == key[0] and e[4] == key[2]:
                 if netns and netns != e[0]:
+                    self.at = -1
                     return None
                 self.used[i] = 1
+                self.at = i
                 return e
             return self._found(self._by_canonical(key), netns)  # only its hash was the same
         # several entries with this hash: those with this very key (one per namespace), or
@@ -125,8 +144,10 @@ class _ProcIndex:
         """The first of these positions in the namespace (any, for netns 0), marked."""
         i = next((j for j in cands if not netns or netns == self.cw[j][0]), None)
         if i is None:
+            self.at = -1
             return None
         self.used[i] = 1
+        self.at = i
         return self.cw[i]
 
     def unused(self) -> list[TcpEntry]:
@@ -178,14 +199,15 @@ class _Known:
     per socket; a changed entry goes unnoticed with odds of ~1 in 2**64, as with seen_key());
     laddr, netns, owner, eof_read: what the entry says (the ports and the peer are the
     CwSock's); inode and rx_queue: those of its accepted /proc entry (None: not found, or
-    not accepted); held: its holders."""
+    not accepted); held: its holders; pos: where its /proc entry was in the last frame's
+    table (-1: nowhere)."""
 
     __slots__ = ("h", "laddr", "netns", "owner", "eof_read", "inode", "rx_queue", "held",
-                 "sock", "frame")
+                 "sock", "frame", "pos")
 
     def __init__(self, h: int, facts: tuple, e: TcpEntry | None, held: Sequence,
-                 sock: CwSock, frame: int) -> None:
-        self.h, self.held, self.sock = h, held, sock
+                 sock: CwSock, frame: int, pos: int) -> None:
+        self.h, self.held, self.sock, self.pos = h, held, sock, pos
         (_, self.laddr, _, _, _), self.netns, _, self.owner, self.eof_read = facts
         accepted = e is not None and e.inode != 0
         self.inode = e.inode if accepted else None
@@ -242,6 +264,12 @@ def listener_of(e: TcpEntry, listeners: dict[tuple[int, int, str], int]) -> int:
             or listeners.get((e.netns, e.lport, "*")) or 0)
 
 
+def _without_0(inodes: set[int]) -> set[int]:
+    """inodes less 0 (not found), in place: `inodes - {0}` would copy 100,000 of them."""
+    inodes.discard(0)
+    return inodes
+
+
 class HolderCache:
     """Who holds which socket inode, from /proc/*/fd scans reused across frames.
 
@@ -278,14 +306,15 @@ class HolderCache:
         if busy or fresh:
             # Looked up by inode, never 0: without inodes to look for, all lookups miss.
             return found
-        if callable(inodes):
-            inodes = inodes()
+        # A scan keeps the set it looks for: one made for it is handed over as is (a copy of
+        # 100,000 inodes is 4 MB more while the scan runs), a caller's own is copied.
+        inodes = inodes() if callable(inodes) else set(inodes)
         if not inodes:
             return {}
         if self.scans == 0 or self._cost < self.SYNC_S:
-            self._scan(set(inodes), now)
+            self._scan(inodes, now)
             return self._found
-        self._worker = threading.Thread(target=self._scan, args=(set(inodes), now),
+        self._worker = threading.Thread(target=self._scan, args=(inodes, now),
                                         name="tcpwatch-holders", daemon=True)
         self._worker.start()
         return found
@@ -344,7 +373,12 @@ class _HostView:
         self._cgroups.clear()
         tally = hostinfo.HostTally(hostinfo.read_port_range(), self.first_seen,
                                    self.clock() / 1e9)
-        entries = self._snapshot(tally)
+        try:
+            entries = self._snapshot(tally)
+        except BaseException:  # the tally took sightings over: the next frame needs them
+            self.first_seen.update(tally.first_seen)
+            raise
+        tally.counted()
         self.first_seen = tally.first_seen
         if self.started_s is None:
             self.started_s = tally.now_s
@@ -443,8 +477,8 @@ class SnapshotCollector:
         now_s = tally.now_s
         cw = [e for e in entries if e.state == CLOSE_WAIT and v.wanted(e.lport, e.rport)]
         listeners = listener_inodes(entries)
-        inodes = {e.inode or listener_of(e, listeners) for e in cw}
-        holders = v.holders.get(inodes - {0})
+        holders = v.holders.get(lambda: _without_0({e.inode or listener_of(e, listeners)
+                                                    for e in cw}))
         current = {e[:6]: (e, s) for e, s in zip(
             cw, v.cw_socks(cw, holders, now_s, listeners, self.leak_after_s))}
         if self._previous is not None:
@@ -741,7 +775,8 @@ class KernelCollector:
         known = self._known
         frame = self._frame = (self._frame + 1) & 0xFF
         seen = 0
-        find, holders, add = f.index.find, f.holders, f.add
+        index = f.index
+        find, find_at, holders, add = index.find, index.find_at, f.holders, f.add
         same_scan = holders is self._holders  # then an unchanged inode has the same holders
         cgroup_of, cgroups, decode = self.view.cgroup_of, {}, self._decoder()
         now_ns, leak_ns = f.now_ns, self.agg.leak_after_ns
@@ -757,7 +792,9 @@ class KernelCollector:
                     s = k.sock
                     key = (k.laddr, s.lport, s.raddr, s.rport)
                     since_ns = since_of(values, off)[0]
-                    e = find(key, k.netns)
+                    e = find_at(k.pos, key, k.netns)
+                    if index.at != k.pos:
+                        k.pos = index.at
                     held = None
                     if e is not None and e[8] == k.rx_queue and e[10] == k.inode:
                         held = k.held if same_scan else holders.get(k.inode, ())
@@ -784,7 +821,7 @@ class KernelCollector:
                     stale.append(sk)
                     continue
                 s, held = self._make(f, facts[0], facts[2], facts[3], facts[4], e, held)
-                known[sk] = _Known(h, facts, e, held, s, frame)
+                known[sk] = _Known(h, facts, e, held, s, frame, index.at)
                 seen += 1
                 add(s, facts[2])
         if seen < len(known):  # gone from the map (their exits are popped as they come)
@@ -847,8 +884,8 @@ class KernelCollector:
         cw = [e for e in entries if e[6] == CLOSE_WAIT]
         listeners = listener_inodes(entries)
         # The inodes to look for, only worked out when a scan is due (100,000s of them).
-        holders = v.holders.get(lambda: {e.inode or listener_of(e, listeners) for e in cw
-                                         if wanted(e.lport, e.rport)} - {0})
+        holders = v.holders.get(lambda: _without_0({e.inode or listener_of(e, listeners)
+                                                    for e in cw if wanted(e.lport, e.rport)}))
         span = v.span(now_s)
         window_ns = (now_s - span) * 1e9 if self.cw_map else float("inf")
         f = _Frame(_ProcIndex(cw), holders, listeners, now_ns, window_ns)

@@ -23,7 +23,13 @@ from collections.abc import Iterator
 import click
 
 from tcpwatch.classify import SLOW_CLOSE_S
-from tcpwatch.cli import CONTEXT, DEFAULT_LEAK_AFTER_S, Fatal, pid_port_options
+from tcpwatch.cli import (
+    CONTEXT,
+    DEFAULT_LEAK_AFTER_S,
+    Fatal,
+    large_blocks_mapped,
+    pid_port_options,
+)
 from tcpwatch.top.model import GROUPINGS, SORTS, build_rows, filter_sample, keep_only
 
 WINDOW_S = 10.0  # live view: rates and percentiles over the last 10 s
@@ -99,6 +105,7 @@ def top(logs, once, interval, fmt, by, sort, pids, ports, leak_after, slow_close
       tcpwatch top --replay /var/log/tcpwatch.ndjson --at 2026-11-21T05:13:00Z
       tcpwatch top --replay '/var/log/tcpwatch.ndjson*' --at 10m --format json
     """
+    large_blocks_mapped()  # before the kernel programs' compile: its big blocks too
     if replay or logs or at is not None:
         given = _given(click.get_current_context())
         _check_replay_usage(logs, replay, at, force_snapshot, given)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -147,7 +148,9 @@ class HostTally(Tally):
     TcpEntry at all. Either way the figures are the same.
 
     first_seen: the previous frame's seen_key() -> first sight (monotonic seconds) of its
-    FIN_WAIT2 sockets; the tally's own `first_seen` has those of this one. (The CLOSE_WAIT
+    FIN_WAIT2 sockets, taken over: each socket seen again is moved out of it into the
+    tally's own `first_seen` (this frame's), so that the two frames' 100,000s of keys are
+    not all alive at once; what is left in it is gone. (The CLOSE_WAIT
     sockets top shows from /proc alone keep theirs in the collector: most are tracked by
     the kernel, whose entry times are better.)
 
@@ -170,15 +173,17 @@ class HostTally(Tally):
         self.now_s = now_s
         self.states: dict[int, int] = {}
         self.first_seen: dict[int, float] = {}
-        self._before = first_seen.get
+        self._before = first_seen.pop
         self._ports: set[int] = set()  # local ports in the range, any namespace
         # (netns, laddr, raddr, rport) -> local ports in the range: merged per canonical
-        # address and endpoint text at the end (few keys; formatting per socket is not free)
-        self._held: dict[tuple, set[int]] = {}
+        # address and endpoint text at the end (few keys; formatting per socket is not free).
+        # An array of 2 bytes a socket, told apart at the end: a set of the 1,500 ports of
+        # one peer is 128 KB (8 MB for the churn's 100,000 sockets), alive all frame.
+        self._held: dict[tuple, array] = {}
         self._fin_wait2: dict[tuple[str, int], list] = {}  # (raddr, rport) -> [count, first]
         # The same from take_ids(), keyed by raw ids: (netns, family, id) -> local ports,
         # (family, id) -> [count, first]; turned into text at the end.
-        self._held_ids: dict[tuple, set[int]] = {}
+        self._held_ids: dict[tuple, array] = {}
         self._fin_wait2_ids: dict[tuple, list] = {}
 
     def take(self, entries: Iterable[TcpEntry]) -> list[TcpEntry]:
@@ -193,7 +198,8 @@ class HostTally(Tally):
             states[state] = states.get(state, 0) + 1
             if state == FIN_WAIT2:
                 key = seen_key_of(e)
-                first = seen[key] = before(key, now)
+                # setdefault: a key seen twice in one frame keeps its first sighting
+                first = seen.setdefault(key, before(key, now))
                 peer = fw2.get((raddr, rport))
                 if peer is None:
                     fw2[(raddr, rport)] = [1, first]
@@ -207,9 +213,9 @@ class HostTally(Tally):
                 ports.add(lport)
                 group = held.get((netns, laddr, raddr, rport))
                 if group is None:
-                    held[(netns, laddr, raddr, rport)] = {lport}
+                    held[(netns, laddr, raddr, rport)] = array("H", (lport,))
                 else:
-                    group.add(lport)
+                    group.append(lport)
         return keep
 
     def take_ids(self, netns: int, family: int, states: bytes, lports: list[int],
@@ -230,9 +236,9 @@ class HostTally(Tally):
                 ports.add(lport)
                 group = held.get((netns, family, sid))
                 if group is None:
-                    held[(netns, family, sid)] = {lport}
+                    held[(netns, family, sid)] = array("H", (lport,))
                 else:
-                    group.add(lport)
+                    group.append(lport)
 
     def _fin_wait2_ids_take(self, netns: int, family: int, states: bytes, lports: list[int],
                             ids: list[bytes]) -> None:
@@ -243,7 +249,8 @@ class HostTally(Tally):
         keys = list(map(hash, zip(repeat(netns), repeat(family), compress(lports, fin_wait2),
                                   fw_ids)))  # seen_id_key() of each
         firsts = list(map(self._before, keys, repeat(self.now_s)))
-        self.first_seen.update(zip(keys, firsts))
+        # setdefault: a key seen twice in one frame keeps its first sighting
+        firsts = list(map(self.first_seen.setdefault, keys, firsts))
         fw2 = self._fin_wait2_ids
         for sid, n in Counter(fw_ids).items():
             peer = fw2.get((family, sid))
@@ -256,7 +263,13 @@ class HostTally(Tally):
             if first < peer[1]:
                 peer[1] = first
 
-    def _held_texts(self) -> Iterator[tuple[tuple[int, str, str, int], set[int]]]:
+    def counted(self) -> None:
+        """The snapshot is all counted: let go of what is left of the previous frame's first
+        sightings (with the table of a 100,000-entry dict at as many FIN_WAIT2 sockets),
+        which would otherwise stay alive while the rest of the frame is built."""
+        self._before = {}.pop  # (a later take() sees every socket anew)
+
+    def _held_texts(self) -> Iterator[tuple[tuple[int, str, str, int], array]]:
         """((netns, laddr, raddr, rport), local ports) from take() and take_ids() alike."""
         yield from self._held.items()
         for (netns, family, sid), ports in self._held_ids.items():
@@ -289,15 +302,13 @@ class HostTally(Tally):
         """
         lo, hi = self.port_range
         usable = (hi - lo + 1) - len({p for p in reserved if lo <= p <= hi})
-        merged: dict[tuple[int, str, str], set[int]] = {}
+        merged: dict[tuple[int, str, str], list[array]] = {}
         for (netns, laddr, raddr, rport), ports in self._held_texts():
-            key = (netns, canonical(laddr), endpoint(raddr, rport))
-            if key in merged:
-                merged[key] = merged[key] | ports
-            else:
-                merged[key] = ports
-        rows = [PortRisk(la, remote, len(ports), usable)
-                for (_, la, remote), ports in merged.items()]
+            merged.setdefault((netns, canonical(laddr), endpoint(raddr, rport)), []).append(
+                ports)
+        # distinct ports, one set at a time
+        rows = [PortRisk(la, remote, len(set().union(*groups)), usable)
+                for (_, la, remote), groups in merged.items()]
         rows.sort(key=lambda r: (-r.held, r.laddr, r.remote))
         return rows[:top]
 
