@@ -392,7 +392,7 @@ class KernelSource:
             return
         self._raw_link, self._raw_fd = fd, raw.fd
         self.bpf.detach_tracepoint(b"sock:inet_sock_set_state")
-        # The classic program's skips end here: what it missed is fixed from now on.
+        # The classic program's skips stop growing here; skips() still adds them in.
         self._set(c[slot], 1)
         self.cw_raw, self.raw_state = bool(self.opts.cw_map), not self.opts.cw_map
 

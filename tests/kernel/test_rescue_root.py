@@ -31,8 +31,7 @@ ROUNDS = 6       # of 3 s of churn at most
 def state_skips(src: loader.KernelSource) -> int:
     """The kernel's skips of the classic state program, and of tw_trace once it took over,
     since tracing began (as `missed` counts them)."""
-    raw = loader.recursion_misses(src._raw_fd) if src.raw_state else 0
-    return sum(loader.recursion_misses(fd) for fd in src._state_fds()) + raw - src._skips_from
+    return src.skips() - src._skips_from
 
 
 class Oracle:
