@@ -996,7 +996,7 @@ static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw
 	}
 	if (!skc_tuple(cf, sk, &h, saddr, daddr))
 		return 0;
-	// Already in the new state: the classic program did run, but its record in `ran` was
+	// Already in the new state: the state program did run, but its record in `ran` was
 	// lost. Not a transition to handle twice. A transition to CLOSE leaves no entry to tell
 	// by: without one, the state program ran for it (and deleted the entry), or the socket
 	// was never seen (older than tracing, or evicted); a true skip of the latter is left

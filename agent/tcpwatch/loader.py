@@ -392,7 +392,7 @@ class KernelSource:
             return
         self._raw_link, self._raw_fd = fd, raw.fd
         self.bpf.detach_tracepoint(b"sock:inet_sock_set_state")
-        # The classic program's skips stop growing here; skips() still adds them in.
+        # The classic program's skips stop growing here; _skips_total() still adds them in.
         self._set(c[slot], 1)
         self.cw_raw, self.raw_state = bool(self.opts.cw_map), not self.opts.cw_map
 
@@ -630,13 +630,18 @@ class KernelSource:
     def _missed_once(self) -> tuple[int, int]:
         # Skips first, then rescues: a rescue comes after its skip, so read this way round
         # every rescue of a skip counted here is usually in (and never a rescue too many).
-        skips = self.skips() - self._skips_from
+        skips = self.skips()
         rescued = self._count("RESCUED") - self._rescued_from
         return max(0, skips - rescued), rescued
 
     def skips(self) -> int:
-        """The kernel's skips of the state program since it was loaded: the classic one's,
-        and the raw one's (tw_top or tw_trace) once it took over."""
+        """The kernel's skips of the state program since events started to be sent (what
+        `missed` is counted against)."""
+        return self._skips_total() - self._skips_from
+
+    def _skips_total(self) -> int:
+        # The classic program's since it was loaded, and the raw one's (tw_top or tw_trace)
+        # once it took over.
         raw = recursion_misses(self._raw_fd) if self.cw_raw or self.raw_state else 0
         return sum(recursion_misses(fd) for fd in self._state_fds()) + raw
 
@@ -647,7 +652,7 @@ class KernelSource:
         split by the reads would be a miss (or a rescue) for good."""
         for _ in range(10):
             rescued = self._count("RESCUED")
-            skips = self.skips()
+            skips = self._skips_total()
             if self._count("RESCUED") == rescued:
                 break
         self._skips_from, self._rescued_from = skips, rescued

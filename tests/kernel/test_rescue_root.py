@@ -28,12 +28,6 @@ WANT_SKIPS = 30  # state-program skips to have seen before judging the rescue
 ROUNDS = 6       # of 3 s of churn at most
 
 
-def state_skips(src: loader.KernelSource) -> int:
-    """The kernel's skips of the classic state program, and of tw_trace once it took over,
-    since tracing began (as `missed` counts them)."""
-    return src.skips() - src._skips_from
-
-
 class Oracle:
     """Counts the firings of the tracepoint for the churn's sockets (clients bind to
     127.1.0.x: an end of every churn socket but its listener), independently of tcpwatch:
@@ -84,7 +78,7 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns, raw_pat
             result, _, batch = churn_in(netns, churn_bin, 3, PORT, src)
             got += batch
             made += result["connections"] * PER_CONNECTION + 2  # + the listener
-            if state_skips(src) >= WANT_SKIPS:
+            if src.skips() >= WANT_SKIPS:
                 break
         # The churn has ended: drain until the ring stays empty for a while.
         deadline, quiet = time.monotonic() + 10, 0
@@ -93,7 +87,7 @@ def test_skipped_transitions_are_rescued_and_accounted(churn_bin, netns, raw_pat
             got += batch
             quiet = 0 if batch else quiet + 1
         fired, oracle_skipped = oracle.fired()
-        counts, skips = src.counters(), state_skips(src)
+        counts, skips = src.counters(), src.skips()
     finally:
         src.close()
 

@@ -16,7 +16,7 @@ from tcpwatch.loader import KernelSource, Options
 def source(monkeypatch, skips: list[int], rescued: list[int]) -> KernelSource:
     src = KernelSource(Options())
     skip_reads, rescue_reads = iter(skips), iter(rescued)
-    monkeypatch.setattr(src, "skips", lambda: next(skip_reads))
+    monkeypatch.setattr(src, "_skips_total", lambda: next(skip_reads))
     monkeypatch.setattr(src, "_count", lambda name: next(rescue_reads))
     monkeypatch.setattr(loader.time, "sleep", lambda s: None)
     return src
