@@ -45,10 +45,28 @@
 #define NS 1000000000LL
 #define EXACT_BELOW_NS 1000000000000ULL /* as fastpath._EXACT_BELOW_NS */
 #define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
+#define CW_LINE_ROOM 1024 /* a close_wait line is at most ~620 bytes */
 #define NAME_MAX_LEN 23
 #define LINE_ROOM 512 /* a state line is at most ~330 bytes */
 #define RUN_LINES 256 /* lines per run at most: the buffer stays ~80 kB, Python writes as
 			 they come (a drain of the whole ring is ~58,000 events) */
+
+/* A socket that entered CLOSE_WAIT in a run written here and that Python does not know
+ * about yet: all the aggregator would keep of it (aggregate._Tracked). */
+struct held {
+	uint64_t sk;
+	uint64_t since_ns;
+	uint8_t addrs[32]; /* saddr, daddr as in the event */
+	uint32_t netns, pid, tid; /* pid/tid/comm: the owner when `known` */
+	uint16_t sport, dport;
+	uint8_t v6, known, eof_read; /* known: the TW_F_OWNER / TW_F_OWNER_LISTENER bits */
+	char comm[TW_COMM_LEN];
+};
+
+struct order {
+	uint64_t sk, since_ns;
+};
 
 typedef struct {
 	PyObject_HEAD
@@ -66,7 +84,19 @@ typedef struct {
 	/* the run being written */
 	char *out;
 	size_t out_len, out_cap;
-	Py_ssize_t run_lines, run_events;
+	Py_ssize_t run_lines, run_events, run_trans, run_cw, run_routine;
+	/* sockets in CLOSE_WAIT held here (see "held sockets"); off until configure() */
+	int exits_on, causes_on;
+	double slow_close_s;
+	size_t held_max;
+	struct held *held; /* open addressing on sk (0 = empty slot), backward-shift deletion */
+	size_t held_cap, held_n;
+	struct order *order; /* held sockets by entry time, oldest first; dead ones skipped */
+	size_t order_head, order_len, order_cap;
+	char exit_name[2][256][NAME_MAX_LEN + 1]; /* [new == LAST_ACK][outcome] */
+	char exit_cause[2][256][NAME_MAX_LEN + 1];
+	long long since_sec; /* the wall-clock second since_date is for, -1: none */
+	char since_date[19];
 } Formatter;
 
 /* ------------------------------------------------------ sockets seen in this scan */
@@ -151,6 +181,159 @@ static void seen_clear(Formatter *f)
 		memset(f->set, 0, f->set_cap * sizeof(uint64_t));
 	f->set_n = 0;
 	f->zero_val = UNSEEN;
+}
+
+/* ------------------------------------------------------------------ held sockets */
+
+/* Under a churn every connection's server side goes through CLOSE_WAIT: its entry, EOF and
+ * exit are 4 of its ~12 events, and Python spent ~6 us on them. With configure(), a socket
+ * entering CLOSE_WAIT in a run written here is held here instead of in the aggregator; its
+ * EOF and owner news update it here, and its exit writes the `state` and `close_wait`
+ * lines here. Python gets a held socket (take(), or a "promote" item in a scan's items just
+ * before an event of it that goes back) whenever it must see it:
+ *  - its age reaches the leak threshold (Aggregator.take_due asks with take(limit));
+ *  - anything else about it that is not written here (a table row, odd text, a stale or
+ *    unknown event): promoted, then the event goes back, in order;
+ *  - Aggregator.in_close_wait() or a /proc seed (take(None): all of them).
+ * So the aggregator's view is the same as if it had tracked the socket all along. */
+
+static struct held *held_find(const Formatter *f, uint64_t sk)
+{
+	if (!f->held_n || !sk)
+		return NULL;
+	size_t mask = f->held_cap - 1;
+	for (size_t i = slot_of(sk, mask); f->held[i].sk; i = (i + 1) & mask)
+		if (f->held[i].sk == sk)
+			return &f->held[i];
+	return NULL;
+}
+
+static int held_grow(Formatter *f)
+{
+	size_t cap = f->held_cap ? f->held_cap * 2 : 1024;
+	struct held *t = PyMem_Calloc(cap, sizeof(*t));
+	if (!t) {
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (size_t i = 0; i < f->held_cap; i++) {
+		if (f->held[i].sk) {
+			size_t j = slot_of(f->held[i].sk, cap - 1);
+			while (t[j].sk)
+				j = (j + 1) & (cap - 1);
+			t[j] = f->held[i];
+		}
+	}
+	PyMem_Free(f->held);
+	f->held = t;
+	f->held_cap = cap;
+	return 0;
+}
+
+/* A free slot for sk (not held yet), its sk set; NULL with an error set. */
+static struct held *held_add(Formatter *f, uint64_t sk)
+{
+	if ((f->held_n + 1) * 2 > f->held_cap && held_grow(f) < 0)
+		return NULL;
+	size_t mask = f->held_cap - 1;
+	size_t i = slot_of(sk, mask);
+	while (f->held[i].sk)
+		i = (i + 1) & mask;
+	memset(&f->held[i], 0, sizeof(f->held[i]));
+	f->held[i].sk = sk;
+	f->held_n++;
+	return &f->held[i];
+}
+
+/* Drop a held socket (linear probing: the entries after it move back into the gap). The
+ * memory goes back when none is left: 100,000 leaked sockets move on to Python after
+ * --leak-after, and their ~20 MB here must not stay for good. */
+static void held_del(Formatter *f, struct held *h)
+{
+	size_t mask = f->held_cap - 1;
+	size_t i = (size_t)(h - f->held), j = i;
+	for (;;) {
+		j = (j + 1) & mask;
+		if (!f->held[j].sk)
+			break;
+		size_t k = slot_of(f->held[j].sk, mask);
+		int stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+		if (!stays) {
+			f->held[i] = f->held[j];
+			i = j;
+		}
+	}
+	f->held[i].sk = 0;
+	if (--f->held_n)
+		return;
+	f->order_head = f->order_len = 0; /* all dead */
+	if (f->held_cap > 1024) {
+		PyMem_Free(f->held);
+		f->held = NULL;
+		f->held_cap = 0;
+	}
+	if (f->order_cap > 4096) {
+		PyMem_Free(f->order);
+		f->order = NULL;
+		f->order_cap = 0;
+	}
+}
+
+static int order_live(const Formatter *f, const struct order *o)
+{
+	const struct held *h = held_find(f, o->sk);
+	return h && h->since_ns == o->since_ns;
+}
+
+/* Remember a held socket's entry time, keeping `order` sorted (events come nearly in time
+ * order; a late one moves a few places back). Dead entries (sockets gone since) are dropped
+ * when they outnumber the live ones, so a socket held for long does not make it grow. */
+static int order_push(Formatter *f, uint64_t sk, uint64_t since_ns)
+{
+	if (f->order_len > 2 * f->held_n + 4096) {
+		size_t n = 0;
+		for (size_t i = 0; i < f->order_len; i++)
+			if (order_live(f, &f->order[f->order_head + i]))
+				f->order[n++] = f->order[f->order_head + i];
+		f->order_head = 0;
+		f->order_len = n;
+	}
+	if (f->order_head + f->order_len == f->order_cap) {
+		if (f->order_head) {
+			memmove(f->order, f->order + f->order_head, f->order_len * sizeof(*f->order));
+			f->order_head = 0;
+		}
+		if (f->order_len == f->order_cap) {
+			size_t cap = f->order_cap ? f->order_cap * 2 : 4096;
+			struct order *o = PyMem_Realloc(f->order, cap * sizeof(*o));
+			if (!o) {
+				PyErr_NoMemory();
+				return -1;
+			}
+			f->order = o;
+			f->order_cap = cap;
+		}
+	}
+	struct order *base = f->order + f->order_head;
+	size_t i = f->order_len;
+	while (i && base[i - 1].since_ns > since_ns) {
+		base[i] = base[i - 1];
+		i--;
+	}
+	base[i].sk = sk;
+	base[i].since_ns = since_ns;
+	f->order_len++;
+	return 0;
+}
+
+/* (sk, since_ns, v6, addrs, sport, dport, netns, pid, tid, comm, known, eof_read): what
+ * FastPath makes an aggregate._Tracked of. */
+static PyObject *held_tuple(const struct held *h)
+{
+	return Py_BuildValue("(KKiy#iiIIIy#ii)", (unsigned long long)h->sk,
+			     (unsigned long long)h->since_ns, (int)h->v6, (const char *)h->addrs,
+			     (Py_ssize_t)32, (int)h->sport, (int)h->dport, h->netns, h->pid, h->tid,
+			     h->comm, (Py_ssize_t)TW_COMM_LEN, (int)h->known, (int)h->eof_read);
 }
 
 /* ------------------------------------------------------------------------- text */
@@ -251,12 +434,13 @@ static char *put_secs(char *o, uint64_t q)
 
 /* ------------------------------------------------------------------- one event */
 
-enum { HANDLED, DEFER, FAIL };
+enum { HANDLED, DEFER, FAIL, PROMOTE }; /* PROMOTE: the socket is held: hand it over, then DEFER */
 
 struct scan {
 	PyObject *by_sk;
 	int unbound;      /* pre-existing sockets wait to be bound: EOF/owner news go back */
 	Py_ssize_t room;  /* transitions still to hand back for the table's records */
+	int records;      /* a table takes records: a close that is not routine goes back */
 	PyObject *items;
 	int have_first;
 	uint64_t first_ts;
@@ -298,14 +482,15 @@ static char *put_2(char *o, unsigned v)
 	return o + 2;
 }
 
-/* The date and time of wall-clock second `sec`, as time.strftime("%Y-%m-%dT%H:%M:%S"). */
-static int set_second(Formatter *f, long long sec)
+/* The date and time of wall-clock second `sec` (19 chars), as
+ * time.strftime("%Y-%m-%dT%H:%M:%S"); -1 outside years 1000-9999. */
+static int date_of(long long sec, char *out)
 {
 	time_t t = (time_t)sec;
 	struct tm tm;
 	if (!gmtime_r(&t, &tm) || tm.tm_year + 1900 < 1000 || tm.tm_year + 1900 > 9999)
 		return -1;
-	char *o = f->date;
+	char *o = out;
 	o = put_2(o, (unsigned)(tm.tm_year + 1900) / 100);
 	o = put_2(o, (unsigned)(tm.tm_year + 1900) % 100);
 	*o++ = '-';
@@ -318,8 +503,29 @@ static int set_second(Formatter *f, long long sec)
 	o = put_2(o, (unsigned)tm.tm_min);
 	*o++ = ':';
 	put_2(o, (unsigned)tm.tm_sec);
+	return 0;
+}
+
+static int set_second(Formatter *f, long long sec)
+{
+	if (date_of(sec, f->date) < 0)
+		return -1;
 	f->sec = sec;
 	return 0;
+}
+
+/* The length of a comm up to its NUL, or -1 if JSON needs escapes or it is not ASCII
+ * (Python's text then). */
+static int comm_plain(const char *comm)
+{
+	int n = 0;
+	while (n < TW_COMM_LEN && comm[n]) {
+		unsigned char c = (unsigned char)comm[n];
+		if (c < 0x20 || c > 0x7e || c == '"' || c == '\\')
+			return -1;
+		n++;
+	}
+	return n;
 }
 
 /* Write the `state` line of `ev`, or say why not (DEFER). */
@@ -328,12 +534,10 @@ static int state_line(Formatter *f, const struct tw_event *ev)
 	const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
 	size_t comm_len = 0;
 	if (ev->flags & known) {
-		while (comm_len < TW_COMM_LEN && ev->comm[comm_len]) {
-			unsigned char c = (unsigned char)ev->comm[comm_len];
-			if (c < 0x20 || c > 0x7e || c == '"' || c == '\\')
-				return DEFER; /* escapes or UTF-8: Python's text */
-			comm_len++;
-		}
+		int n = comm_plain(ev->comm);
+		if (n < 0)
+			return DEFER;
+		comm_len = (size_t)n;
 	}
 	if (!(ev->flags & TW_F_PREV_UNKNOWN) &&
 	    (ev->prev_ns >= EXACT_BELOW_NS || ev->prev_ns % 1000 == 500))
@@ -399,6 +603,204 @@ static int state_line(Formatter *f, const struct tw_event *ev)
 	return HANDLED;
 }
 
+/* "pid":P,"tid":T,"comm":"C" with comm_len from comm_plain(); the keys given with their
+ * leading comma or none ("pid" or "closer_pid"...). */
+static char *put_who(char *o, const char *pre, size_t pre_len, uint32_t pid, uint32_t tid,
+		     const char *comm, int comm_len)
+{
+	o = put(o, pre, pre_len);
+	o = PUT(o, "pid\":");
+	o = put_u64(o, pid);
+	*o++ = ',';
+	o = put(o, pre, pre_len);
+	o = PUT(o, "tid\":");
+	o = put_u64(o, tid);
+	*o++ = ',';
+	o = put(o, pre, pre_len);
+	o = PUT(o, "comm\":\"");
+	o = put(o, comm, (size_t)comm_len);
+	*o++ = '"';
+	return o;
+}
+
+/* The date and time of a wall-clock second for a `since` field (cached apart from the
+ * line's own second: a socket's entry is usually in an earlier one); NULL if none. */
+static const char *since_date(Formatter *f, long long sec)
+{
+	if (sec == f->sec)
+		return f->date;
+	if (sec != f->since_sec) {
+		if (date_of(sec, f->since_date) < 0) {
+			f->since_sec = -1;
+			return NULL;
+		}
+		f->since_sec = sec;
+	}
+	return f->since_date;
+}
+
+/* Write the `close_wait` line of a held socket leaving CLOSE_WAIT with `ev` (after its
+ * `state` line: f->date is the second of ev), as FastPath._close_wait does; or DEFER.
+ * *routine: its cause is `closed` (a table does not show it unless it has room). */
+static int close_line(Formatter *f, const struct scan *s, const struct tw_event *ev,
+		      const struct held *h, int *routine)
+{
+	const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
+	uint64_t dur_ns;
+	if (ev->flags & TW_F_CW_UNKNOWN) {
+		if (ev->ts_ns < h->since_ns)
+			return DEFER;
+		dur_ns = ev->ts_ns - h->since_ns;
+	} else {
+		dur_ns = ev->cw_ns;
+	}
+	if (dur_ns >= EXACT_BELOW_NS || dur_ns % 1000 == 500)
+		return DEFER; /* round() decides: Python */
+	uint64_t q = (dur_ns + 500) / 1000;
+
+	/* who: the event's owner, else the one seen before, else the closer itself */
+	int who = 0, who_len = 0;
+	uint32_t wpid = 0, wtid = 0;
+	const char *wcomm = NULL;
+	if (ev->flags & known) {
+		who = 1, wpid = ev->pid, wtid = ev->tid, wcomm = ev->comm;
+	} else if (h->known) {
+		who = 1, wpid = h->pid, wtid = h->tid, wcomm = h->comm;
+	} else if (ev->flags & TW_F_ACTOR) {
+		who = 1, wpid = ev->actor_pid, wtid = ev->actor_tid, wcomm = ev->actor_comm;
+	}
+	if (who && (who_len = comm_plain(wcomm)) < 0)
+		return DEFER;
+	int actor = !!(ev->flags & TW_F_ACTOR), actor_len = 0;
+	if (actor && (actor_len = comm_plain(ev->actor_comm)) < 0)
+		return DEFER;
+
+	int la = ev->newstate == TCP_LAST_ACK;
+	const char *name = f->exit_name[la][ev->outcome];
+	const char *cause = f->exit_cause[la][ev->outcome];
+	if (!strcmp(cause, "closed") && (double)q / 1e6 > f->slow_close_s)
+		cause = "slow_close"; /* classify.ended_cause (never leaked: see take()) */
+	*routine = !strcmp(cause, "closed");
+	if (s->records && !*routine)
+		return DEFER; /* a table shows every close that is not routine: it needs the record */
+
+	long long since_wall;
+	if (h->since_ns > (uint64_t)LLONG_MAX ||
+	    __builtin_add_overflow((long long)h->since_ns, f->mono_to_wall_ns, &since_wall) ||
+	    since_wall < 0)
+		return DEFER;
+	const char *sdate = since_date(f, since_wall / NS);
+	if (!sdate)
+		return DEFER;
+	long long sfrac = since_wall % NS;
+	long long frac = ((long long)ev->ts_ns + f->mono_to_wall_ns) % NS; /* checked by state_line */
+
+	char laddr[INET6_ADDRSTRLEN], raddr[INET6_ADDRSTRLEN];
+	int v6 = ev->family == AF_INET6;
+	if (!inet_ntop(v6 ? AF_INET6 : AF_INET, ev->saddr, laddr, sizeof(laddr)) ||
+	    !inet_ntop(v6 ? AF_INET6 : AF_INET, ev->daddr, raddr, sizeof(raddr)))
+		return DEFER;
+	if (out_reserve(f, CW_LINE_ROOM) < 0)
+		return FAIL;
+
+	char *o = f->out + f->out_len;
+	o = PUT(o, "{\"event\":\"close_wait\",\"ts\":\"");
+	o = put(o, f->date, 19);
+	*o++ = '.';
+	o = put_3(o, (unsigned)(frac / 1000000));
+	o = put_3(o, (unsigned)(frac / 1000 % 1000));
+	o = PUT(o, "Z\",\"sk\":\"0x");
+	o = put_hex(o, ev->sk);
+	o = v6 ? PUT(o, "\",\"family\":\"ipv6\",\"laddr\":\"")
+	       : PUT(o, "\",\"family\":\"ipv4\",\"laddr\":\"");
+	o = put(o, laddr, strlen(laddr));
+	o = PUT(o, "\",\"lport\":");
+	o = put_u64(o, ev->sport);
+	o = PUT(o, ",\"raddr\":\"");
+	o = put(o, raddr, strlen(raddr));
+	o = PUT(o, "\",\"rport\":");
+	o = put_u64(o, ev->dport);
+	o = PUT(o, ",\"netns\":");
+	uint32_t netns = ev->netns ? ev->netns : h->netns;
+	o = netns ? put_u64(o, netns) : PUT(o, "null");
+	*o++ = ',';
+	if (who)
+		o = put_who(o, "\"", 1, wpid, wtid, wcomm, who_len);
+	else
+		o = PUT(o, "\"pid\":null,\"tid\":null,\"comm\":null");
+	o = PUT(o, ",\"duration_s\":");
+	o = put_secs(o, q);
+	o = PUT(o, ",\"since\":\"");
+	o = put(o, sdate, 19);
+	*o++ = '.';
+	o = put_3(o, (unsigned)(sfrac / 1000000));
+	o = put_3(o, (unsigned)(sfrac / 1000 % 1000));
+	o = PUT(o, "Z\",\"new\":\"");
+	o = put(o, f->names[ev->newstate], f->name_len[ev->newstate]);
+	o = PUT(o, "\",\"outcome\":\"");
+	o = put(o, name, strlen(name));
+	o = PUT(o, "\",");
+	if (actor)
+		o = put_who(o, "\"closer_", 8, ev->actor_pid, ev->actor_tid, ev->actor_comm,
+			    actor_len);
+	else
+		o = PUT(o, "\"closer_pid\":null,\"closer_tid\":null,\"closer_comm\":null");
+	o = (ev->flags & TW_F_EOF_READ) || h->eof_read ? PUT(o, ",\"eof_read\":true")
+						       : PUT(o, ",\"eof_read\":false");
+	o = PUT(o, ",\"leaked\":false,\"preexisting\":false");
+	if (f->causes_on) {
+		o = PUT(o, ",\"cause\":\"");
+		o = put(o, cause, strlen(cause));
+		o = PUT(o, "\"}\n");
+	} else {
+		o = PUT(o, "}\n");
+	}
+	f->out_len = (size_t)(o - f->out);
+	return HANDLED;
+}
+
+/* An event of a held socket: news and its exit are handled here, anything else is PROMOTE. */
+static int held_event(Formatter *f, struct scan *s, const struct tw_event *ev, struct held *h)
+{
+	const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
+	if (ev->kind == TW_KIND_EOF || ev->kind == TW_KIND_OWNER) {
+		if (ev->flags & TW_F_EOF_READ)
+			h->eof_read = 1;
+		if (ev->flags & known) {
+			h->known = ev->flags & known;
+			h->pid = ev->pid;
+			h->tid = ev->tid;
+			memcpy(h->comm, ev->comm, TW_COMM_LEN);
+		}
+		f->run_events++;
+		return HANDLED;
+	}
+	/* a stale transition (lost events, or sk reused), CLOSE_WAIT again, an unknown kind */
+	if (ev->kind != TW_KIND_STATE || ev->oldstate != TCP_CLOSE_WAIT ||
+	    ev->newstate == TCP_CLOSE_WAIT)
+		return PROMOTE;
+	if (s->room > 0) {
+		s->room--;
+		return PROMOTE;
+	}
+	size_t mark = f->out_len;
+	int routine = 0;
+	int r = state_line(f, ev);
+	if (r == HANDLED)
+		r = close_line(f, s, ev, h, &routine);
+	if (r != HANDLED) {
+		f->out_len = mark;
+		return r == FAIL ? FAIL : PROMOTE;
+	}
+	held_del(f, h);
+	f->run_lines += 2;
+	f->run_events++;
+	f->run_trans++;
+	f->run_cw++;
+	f->run_routine += routine;
+	return HANDLED;
+}
+
 /* Handle the record at p here, or say it goes back to Python. A whole event is copied to
  * *evp on the way (a shorter record is not): step() reads its socket from there. */
 static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
@@ -415,9 +817,19 @@ static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
 	int seen = seen_get(f, ev->sk);
 	if (seen == TAKEN)
 		return DEFER;
+	struct held *h = held_find(f, ev->sk);
+	if (h)
+		return held_event(f, s, ev, h);
+	int entry = 0; /* it enters CLOSE_WAIT: hold it here */
 	if (ev->kind == TW_KIND_STATE) {
-		if (ev->oldstate == TCP_CLOSE_WAIT || ev->newstate == TCP_CLOSE_WAIT)
-			return DEFER;
+		if (ev->oldstate == TCP_CLOSE_WAIT)
+			return DEFER; /* a socket Python tracks, pre-existing or unknown */
+		if (ev->newstate == TCP_CLOSE_WAIT) {
+			/* unbound: it may be a pre-existing socket Python must bind */
+			if (!f->exits_on || s->unbound || !ev->sk || f->held_n >= f->held_max)
+				return DEFER;
+			entry = 1;
+		}
 	} else if (ev->kind == TW_KIND_EOF || ev->kind == TW_KIND_OWNER) {
 		if (s->unbound)
 			return DEFER; /* it may bind a pre-existing socket */
@@ -440,21 +852,40 @@ static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
 		return DEFER;
 	}
 	int r = state_line(f, ev);
-	if (r == HANDLED) {
-		f->run_lines++;
-		f->run_events++;
+	if (r != HANDLED)
+		return r;
+	if (entry) {
+		const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
+		if (!(h = held_add(f, ev->sk)) || order_push(f, ev->sk, ev->ts_ns) < 0)
+			return FAIL;
+		h->since_ns = ev->ts_ns;
+		memcpy(h->addrs, ev->saddr, 16);
+		memcpy(h->addrs + 16, ev->daddr, 16);
+		h->netns = ev->netns;
+		h->sport = ev->sport;
+		h->dport = ev->dport;
+		h->v6 = ev->family == AF_INET6;
+		if (ev->flags & known) {
+			h->known = ev->flags & known;
+			h->pid = ev->pid;
+			h->tid = ev->tid;
+			memcpy(h->comm, ev->comm, TW_COMM_LEN);
+		}
 	}
-	return r;
+	f->run_lines++;
+	f->run_events++;
+	f->run_trans++;
+	return HANDLED;
 }
 
 static int flush_run(Formatter *f, struct scan *s)
 {
 	if (!f->run_events)
 		return 0;
-	PyObject *run = Py_BuildValue("(y#nn)", f->out, (Py_ssize_t)f->out_len, f->run_lines,
-				      f->run_events);
+	PyObject *run = Py_BuildValue("(y#nnnnn)", f->out, (Py_ssize_t)f->out_len, f->run_lines,
+				      f->run_events, f->run_trans, f->run_cw, f->run_routine);
 	f->out_len = 0;
-	f->run_lines = f->run_events = 0;
+	f->run_lines = f->run_events = f->run_trans = f->run_cw = f->run_routine = 0;
 	if (!run)
 		return -1;
 	int r = PyList_Append(s->items, run);
@@ -472,6 +903,19 @@ static int step(Formatter *f, struct scan *s, const unsigned char *p, size_t len
 		return f->run_lines < RUN_LINES ? 0 : flush_run(f, s);
 	if (r == FAIL)
 		return -1;
+	if (r == PROMOTE) { /* Python tracks it from here on, before this event */
+		struct held *h = held_find(f, ev.sk);
+		if (flush_run(f, s) < 0)
+			return -1;
+		PyObject *t = held_tuple(h);
+		if (!t)
+			return -1;
+		int a = PyList_Append(s->items, t);
+		Py_DECREF(t);
+		if (a < 0)
+			return -1;
+		held_del(f, h);
+	}
 	if (len >= sizeof(ev)) { /* one() copied it */
 		int left = ev.kind == TW_KIND_STATE && ev.oldstate == TCP_CLOSE_WAIT &&
 			   ev.newstate != TCP_CLOSE_WAIT;
@@ -490,7 +934,7 @@ static int step(Formatter *f, struct scan *s, const unsigned char *p, size_t len
 }
 
 static int scan_begin(Formatter *f, struct scan *s, PyObject *by_sk, int unbound,
-		      Py_ssize_t room)
+		      Py_ssize_t room, int records)
 {
 	if (!PyDict_Check(by_sk)) {
 		PyErr_SetString(PyExc_TypeError, "by_sk must be a dict");
@@ -498,7 +942,8 @@ static int scan_begin(Formatter *f, struct scan *s, PyObject *by_sk, int unbound
 	}
 	seen_clear(f);
 	f->out_len = 0;
-	f->run_lines = f->run_events = 0;
+	f->run_lines = f->run_events = f->run_trans = f->run_cw = f->run_routine = 0;
+	s->records = records;
 	s->by_sk = by_sk;
 	s->unbound = unbound;
 	s->room = room;
@@ -520,12 +965,13 @@ static PyObject *first_ts(struct scan *s)
 static PyObject *scan_list(Formatter *f, PyObject *args)
 {
 	PyObject *batch, *by_sk;
-	int unbound;
+	int unbound, records = 0;
 	Py_ssize_t room;
-	if (!PyArg_ParseTuple(args, "O!Opn", &PyList_Type, &batch, &by_sk, &unbound, &room))
+	if (!PyArg_ParseTuple(args, "O!Opn|p", &PyList_Type, &batch, &by_sk, &unbound, &room,
+			      &records))
 		return NULL;
 	struct scan s;
-	if (scan_begin(f, &s, by_sk, unbound, room) < 0)
+	if (scan_begin(f, &s, by_sk, unbound, room, records) < 0)
 		return NULL;
 	for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
 		PyObject *raw = PyList_GET_ITEM(batch, i);
@@ -556,8 +1002,9 @@ static PyObject *scan_ring(Formatter *f, PyObject *args)
 {
 	PyObject *obj, *by_sk;
 	Py_ssize_t start, end, room;
-	int unbound;
-	if (!PyArg_ParseTuple(args, "OnnOpn", &obj, &start, &end, &by_sk, &unbound, &room))
+	int unbound, records = 0;
+	if (!PyArg_ParseTuple(args, "OnnOpn|p", &obj, &start, &end, &by_sk, &unbound, &room,
+			      &records))
 		return NULL;
 	Py_buffer view;
 	if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
@@ -569,7 +1016,7 @@ static PyObject *scan_ring(Formatter *f, PyObject *args)
 		return NULL;
 	}
 	struct scan s;
-	if (scan_begin(f, &s, by_sk, unbound, room) < 0) {
+	if (scan_begin(f, &s, by_sk, unbound, room, records) < 0) {
 		PyBuffer_Release(&view);
 		return NULL;
 	}
@@ -615,6 +1062,95 @@ static PyObject *secs(Formatter *f, PyObject *arg)
 	return PyUnicode_FromStringAndSize(text, o - text);
 }
 
+/* configure(names, causes, causes_on, slow_close_s, held_max): hold sockets in CLOSE_WAIT
+ * (see "held sockets"). names[la][outcome]: aggregate.outcome_name(outcome, new) with
+ * la = new is LAST_ACK; causes[la][outcome]: classify.ended_cause(name, None); causes_on:
+ * close_wait lines end with "cause"; slow_close_s: a `closed` stay longer than this is
+ * `slow_close`; held_max: sockets held here at most (the others go to Python). */
+static int copy_names(char (*dst)[NAME_MAX_LEN + 1], PyObject *names)
+{
+	if (!PyTuple_Check(names) || PyTuple_GET_SIZE(names) != 256) {
+		PyErr_SetString(PyExc_ValueError, "exit names: a tuple of 256 per case");
+		return -1;
+	}
+	for (int i = 0; i < 256; i++) {
+		PyObject *name = PyTuple_GET_ITEM(names, i);
+		Py_ssize_t n;
+		const char *text = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &n) : NULL;
+		if (!text || n > NAME_MAX_LEN || comm_plain(text) != n) {
+			PyErr_SetString(PyExc_ValueError, "exit names: short plain ASCII str");
+			return -1;
+		}
+		memcpy(dst[i], text, (size_t)n + 1);
+	}
+	return 0;
+}
+
+static PyObject *configure(Formatter *f, PyObject *args)
+{
+	PyObject *n0, *n1, *c0, *c1;
+	int causes_on;
+	double slow;
+	Py_ssize_t held_max;
+	if (!PyArg_ParseTuple(args, "(OO)(OO)pdn", &n0, &n1, &c0, &c1, &causes_on, &slow,
+			      &held_max))
+		return NULL;
+	if (copy_names(f->exit_name[0], n0) < 0 || copy_names(f->exit_name[1], n1) < 0 ||
+	    copy_names(f->exit_cause[0], c0) < 0 || copy_names(f->exit_cause[1], c1) < 0)
+		return NULL;
+	f->causes_on = causes_on;
+	f->slow_close_s = slow;
+	f->held_max = held_max > 0 ? (size_t)held_max : 0;
+	f->exits_on = 1;
+	Py_RETURN_NONE;
+}
+
+/* take(limit) -> [held tuple, ...]: the held sockets that entered CLOSE_WAIT at or before
+ * CLOCK_MONOTONIC ns `limit` (all with None), oldest first; they are not held any more. */
+static PyObject *take(Formatter *f, PyObject *arg)
+{
+	int all = arg == Py_None;
+	unsigned long long limit = 0;
+	if (!all) {
+		limit = PyLong_AsUnsignedLongLong(arg);
+		if (limit == (unsigned long long)-1 && PyErr_Occurred())
+			return NULL;
+	}
+	PyObject *out = PyList_New(0);
+	if (!out)
+		return NULL;
+	while (f->order_len) {
+		struct order o = f->order[f->order_head];
+		struct held *h = held_find(f, o.sk);
+		if (h && h->since_ns == o.since_ns) {
+			if (!all && o.since_ns > limit)
+				break;
+			PyObject *t = held_tuple(h);
+			if (!t || PyList_Append(out, t) < 0) {
+				Py_XDECREF(t);
+				Py_DECREF(out);
+				return NULL;
+			}
+			Py_DECREF(t);
+			f->order_head++; /* before held_del: with the last one it resets `order` */
+			f->order_len--;
+			held_del(f, h);
+			continue;
+		}
+		f->order_head++;
+		f->order_len--;
+	}
+	if (!f->order_len)
+		f->order_head = 0;
+	return out;
+}
+
+static PyObject *held_count(Formatter *f, PyObject *unused)
+{
+	(void)unused;
+	return PyLong_FromSize_t(f->held_n);
+}
+
 static int init(Formatter *f, PyObject *args, PyObject *kwds)
 {
 	static char *kw[] = {"names", "mono_to_wall_ns", NULL};
@@ -644,6 +1180,7 @@ static int init(Formatter *f, PyObject *args, PyObject *kwds)
 	}
 	f->mono_to_wall_ns = m2w;
 	f->sec = -1;
+	f->since_sec = -1;
 	return 0;
 }
 
@@ -652,6 +1189,8 @@ static void dealloc(Formatter *f)
 	PyMem_Free(f->set);
 	PyMem_Free(f->vals);
 	PyMem_Free(f->out);
+	PyMem_Free(f->held);
+	PyMem_Free(f->order);
 	Py_TYPE(f)->tp_free((PyObject *)f);
 }
 
@@ -661,6 +1200,12 @@ static PyMethodDef methods[] = {
 	{"scan_ring", (PyCFunction)scan_ring, METH_VARARGS,
 	 "scan_ring(buf, start, end, by_sk, unbound, room) -> (items, end_reached, first_ts)"},
 	{"secs", (PyCFunction)secs, METH_O, "secs(q) -> q microseconds as orjson writes q / 1e6"},
+	{"configure", (PyCFunction)configure, METH_VARARGS,
+	 "configure((names, names_last_ack), (causes, causes_last_ack), causes_on, slow_close_s, "
+	 "held_max): hold sockets in CLOSE_WAIT here"},
+	{"take", (PyCFunction)take, METH_O,
+	 "take(limit or None) -> held sockets that entered CLOSE_WAIT at or before limit"},
+	{"held", (PyCFunction)held_count, METH_NOARGS, "held() -> how many sockets are held"},
 	{NULL, NULL, 0, NULL},
 };
 
@@ -698,11 +1243,13 @@ PyMODINIT_FUNC PyInit__fastlines(void)
 #define FIELD(name) #name, (int)offsetof(struct tw_event, name), \
 		    (int)sizeof(((struct tw_event *)0)->name)
 	PyObject *layout = Py_BuildValue(
-		"(i((sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)))",
+		"(i((sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)(sii)"
+		"(sii)(sii)(sii)(sii)(sii)))",
 		(int)sizeof(struct tw_event), FIELD(ts_ns), FIELD(sk), FIELD(prev_ns), FIELD(saddr),
 		FIELD(daddr), FIELD(pid), FIELD(tid), FIELD(netns), FIELD(family), FIELD(sport),
 		FIELD(dport), FIELD(kind), FIELD(oldstate), FIELD(newstate), FIELD(flags),
-		FIELD(comm));
+		FIELD(comm), FIELD(cw_ns), FIELD(actor_pid), FIELD(actor_tid), FIELD(outcome),
+		FIELD(actor_comm));
 #undef FIELD
 	if (!layout || PyModule_AddObject(m, "LAYOUT", layout) < 0) {
 		Py_XDECREF(layout);

@@ -139,6 +139,10 @@ def outcome_name(outcome: int, new: int) -> str:
     return "unknown"
 
 
+def _since(t: _Tracked) -> int:
+    return t.since_ns
+
+
 def _secs(ns: int) -> float:
     """Nanoseconds -> seconds rounded to 6 decimals: _secs(1_500_000_123) == 1.5."""
     return round(ns / 1e9, 6)
@@ -232,6 +236,10 @@ class Aggregator:
         # so tick() only looks at the head (O(number due)); an OrderedDict rather than a deque
         # so a socket that leaves CLOSE_WAIT is dropped at once, not kept until its due time.
         self._pending: OrderedDict[_Tracked, None] = OrderedDict()
+        # Sockets in CLOSE_WAIT kept elsewhere (fastpath: the compiled formatter holds those
+        # of its runs): held(limit_ns) hands over those that entered by limit_ns, all with
+        # None, oldest first. Asked whenever the pending ones or all sockets are looked at.
+        self._held: Callable[[int | None], list[_Tracked]] | None = None
 
         self.events = 0
         self.transitions = 0
@@ -323,7 +331,29 @@ class Aggregator:
             ev["netns"], ev["ts_ns"], self._event_owner(ev),
         )
         self._by_sk[ev["sk"]] = tracked
-        self._pending[tracked] = None
+        self._insert_pending(tracked)
+
+    def _insert_pending(self, t: _Tracked) -> None:
+        """Add to the pending sockets, kept in order of entry time (take_due() stops at the
+        first one not due): at the end, unless a late event (per-CPU buffers) or a socket
+        handed over from `_held` has an older one; then before the younger ones."""
+        pending = self._pending
+        if pending and next(reversed(pending)).since_ns > t.since_ns:
+            younger = [pending.popitem()[0]]
+            while pending and next(reversed(pending)).since_ns > t.since_ns:
+                younger.append(pending.popitem()[0])
+            pending[t] = None
+            for y in reversed(younger):
+                pending[y] = None
+            return
+        pending[t] = None
+
+    def _adopt_held(self) -> None:
+        """Every socket `_held` keeps, tracked here from now on."""
+        if self._held is not None:
+            for t in self._held(None):
+                self._by_sk[t.sk] = t
+                self._insert_pending(t)
 
     def _forget(self, tracked: _Tracked) -> None:
         if tracked.sk is not None and self._by_sk.get(tracked.sk) is tracked:
@@ -358,6 +388,7 @@ class Aggregator:
         >>> [(s.tuple, s.leaked) for s in agg.in_close_wait()]            # doctest: +SKIP
         [((4, '10.0.0.1', 8080, '10.0.0.2', 51234), True)]
         """
+        self._adopt_held()
         unbound = [t for ts in self._unbound.values() for t in ts]
         return [
             CloseWaitSocket(
@@ -526,6 +557,12 @@ class Aggregator:
         for tracked in due:
             del self._pending[tracked]
             tracked.resolving = True
+        held = self._held(limit) if self._held is not None else ()
+        if held:
+            for tracked in held:
+                self._by_sk[tracked.sk] = tracked
+                tracked.resolving = True
+            due = sorted([*due, *held], key=_since) if due else held
         return due
 
     @staticmethod
@@ -632,11 +669,12 @@ class Aggregator:
             if held:
                 t.holder = (held[0].pid, held[0].comm)
             self._unbound.setdefault(key, []).append(t)
-            self._pending[t] = None
+            self._insert_pending(t)
             yield self._existing_record(t, held, now_mono_ns)
 
     def _known_tuples(self) -> dict[tuple, list[int]]:
         """match key -> netns of every socket tracked now (built once per seed)."""
+        self._adopt_held()
         known: dict[tuple, list[int]] = {}
         for t in self._by_sk.values():
             known.setdefault(t.match_key(), []).append(t.netns)

@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 
 from tcpwatch import schema
-from tcpwatch.aggregate import Aggregator, Owner, _match_key, _Tracked, outcome_name
+from tcpwatch.aggregate import LAST_ACK, Aggregator, Owner, _match_key, _Tracked, outcome_name
 from tcpwatch.classify import SLOW_CLOSE_S, ended_cause
 
 try:
@@ -74,6 +74,11 @@ _NULL_CLOSER = '"closer_pid":null,"closer_tid":null,"closer_comm":null'
 # Use tcpwatch._fastlines when it is there; tests turn it off to compare, and so does
 # TCPWATCH_FASTLINES=0 in the environment (scripts/bench's trace-py mode).
 COMPILED = True
+# With it, sockets that enter CLOSE_WAIT in its runs are held there until Python must see
+# them (see "held sockets" in _fastlines.c); TCPWATCH_HOLD=0 turns that off. At most
+# HELD_MAX at once (~90 bytes each, twice that in its table): the others go to Python.
+HOLD = True
+HELD_MAX = 65536
 # Durations (in microseconds) the compiled formatter must write as orjson does before it is
 # used: every form orjson's float output takes (0.0, 1e-6, 0.000012, 1.5, 100000.0, ...).
 _SECS_PROBES = (0, 1, 7, 12, 120, 999, 1_000, 1_500, 10_000, 123_456, 1_000_000, 1_500_000,
@@ -170,6 +175,8 @@ class FastPath:
         self._secs: dict[int, str] = {}  # microseconds -> duration text
         self.fast = 0  # events handled here (the rest went through Aggregator.feed)
         self.in_c = 0  # of those, handled by the compiled formatter
+        self.adopted = 0  # sockets held in C handed over for an event C did not handle
+        self.handed = 0  # ... and handed over when due or all asked for (_take_held)
         self._c = self._compiled()
         self.compiled = self._c is not None  # plain transitions are written in C
 
@@ -186,6 +193,14 @@ class FastPath:
         fmt = _fastlines.Formatter(_STATE_NAMES, self.agg.mono_to_wall_ns)
         if any(fmt.secs(q) != secs_text(q * 1000, {})[1] for q in _SECS_PROBES):
             return None
+        if HOLD and os.environ.get("TCPWATCH_HOLD") != "0":
+            causes = self.agg.causes
+            names = tuple(tuple(outcome_name(o, new) for o in range(256))
+                          for new in (schema.STATE_NUMBERS["CLOSE"], LAST_ACK))
+            fmt.configure(names, tuple(tuple(ended_cause(n, None) for n in ns) for ns in names),
+                          causes is not None, causes.slow_close_s if causes else SLOW_CLOSE_S,
+                          HELD_MAX)
+            self.agg._held = self._take_held
         return fmt
 
     @classmethod
@@ -215,7 +230,8 @@ class FastPath:
         if agg._start_ns is None:
             agg._start_ns = self._unpack(batch[0])[0]
         if self._c is not None:
-            batch = self._c.scan_list(batch, agg._by_sk, bool(agg._unbound), self._room())[0]
+            batch = self._c.scan_list(batch, agg._by_sk, bool(agg._unbound), self._room(),
+                                      bool(self.record_sinks))[0]
         self.process_items(batch)
 
     def ring_scanner(self) -> Callable[[Any, int, int], tuple[list, int]] | None:
@@ -227,10 +243,11 @@ class FastPath:
             return None
         scan_ring = self._c.scan_ring
         agg = self.agg
+        records = bool(self.record_sinks)
 
         def scan(buf: Any, start: int, end: int) -> tuple[list, int]:
             items, reached, first_ts = scan_ring(buf, start, end, agg._by_sk,
-                                                 bool(agg._unbound), self._room())
+                                                 bool(agg._unbound), self._room(), records)
             if agg._start_ns is None and first_ts is not None:
                 agg._start_ns = first_ts
             return items, reached
@@ -298,22 +315,30 @@ class FastPath:
         addr4, addr6 = self._addrs
         base, prefix, date = self._second
         room = self._room()
-        hidden = hidden_closes = 0
+        hidden = hidden_closes = closes = 0
         general = not_state = 0  # events that went through feed(); fast ones not transitions
         extra = in_c = 0  # lines in runs beyond the one item each adds to `lines`
         run_more = 0  # events in runs beyond the one item each is in `batch`
         for raw in batch:
-            if raw.__class__ is tuple:  # a run of plain events, written in C
-                data, n, evs = raw
+            if raw.__class__ is tuple:
+                if len(raw) != 6:  # a socket held in C: tracked here from now on
+                    self._adopt(raw)
+                    run_more -= 1  # not an event
+                    continue
+                # a run of events written in C: lines, events, transitions, close_wait
+                # lines, and of those the routine closes
+                data, n, evs, trans, cws, routine = raw
                 if n:
                     append(data)
                     extra += n - 1
-                    hidden += n
                     if extra >= CHUNK:  # long runs: out now, so that memory stays bounded
                         self._write(lines, extra)
                         lines.clear()
                         extra = 0
-                not_state += evs - n
+                hidden += trans
+                hidden_closes += routine
+                closes += cws
+                not_state += evs - trans
                 run_more += evs - 1
                 in_c += evs
                 continue
@@ -417,11 +442,12 @@ class FastPath:
                 t = _Tracked(sk, 6 if fam == af6 else 4, texts[1], sport, texts[2], dport,
                              netns, ts, owner)
                 by_sk[sk] = t
-                pending[t] = None
+                agg._insert_pending(t)
         self._second = (base, prefix, date)
         fast = len(batch) + run_more - general
         agg.events += fast
         agg.transitions += fast - not_state
+        agg.close_waits += closes
         self.fast += fast
         self.in_c += in_c
         if (hidden or hidden_closes) and self.record_sinks:
@@ -475,6 +501,36 @@ class FastPath:
             + (f',"cause":"{cause}"}}\n' if causes is not None else "}\n")
         ).encode())
         return cause == "closed"
+
+    # ------------------------------------------------------------------ held sockets
+
+    def _tracked_of(self, row: tuple) -> _Tracked:
+        """The _Tracked of a socket held in C (_fastlines.c's held_tuple()), as the Python
+        path would have made it at its entry and updated it since."""
+        sk, since, v6, addrs, sport, dport, netns, pid, tid, comm, known, eof_read = row
+        fam = socket.AF_INET6 if v6 else socket.AF_INET
+        texts = self._addrs[1 if v6 else 0].get(addrs) or self._addr_texts(addrs, fam)
+        owner = None
+        if known:
+            owner = self._owners.get((pid, tid, comm, known)) or self._owner(pid, tid, comm,
+                                                                             known)
+        t = _Tracked(sk, 6 if v6 else 4, texts[1], sport, texts[2], dport, netns, since, owner)
+        t.eof_read = bool(eof_read)
+        return t
+
+    def _adopt(self, row: tuple) -> None:
+        """A socket held in C that an event about to come here is about."""
+        t = self._tracked_of(row)
+        self.adopted += 1
+        self.agg._by_sk[t.sk] = t
+        self.agg._insert_pending(t)
+
+    def _take_held(self, limit_ns: int | None) -> list[_Tracked]:
+        """Aggregator._held: the sockets held in C that entered CLOSE_WAIT by limit_ns (all
+        with None), oldest first, as _Tracked; C holds them no more."""
+        out = [self._tracked_of(row) for row in self._c.take(limit_ns)]
+        self.handed += len(out)
+        return out
 
     # ------------------------------------------------------------------ text caches
 
