@@ -28,7 +28,7 @@ def test_trace_help_lists_every_option(flag, capsys):
     code, out, _ = run(["trace", flag], capsys)
     assert code == 0
     for opt in ("--format", "--output", "--leak-after", "--duration", "--pid", "--port",
-                "--state", "--stacks", "--buffer-mb"):
+                "--state", "--stacks", "--buffer-mb", "--nice"):
         assert opt in out
     assert "sudo tcpwatch trace" in out
 
@@ -49,6 +49,8 @@ def test_trace_help_lists_every_option(flag, capsys):
         (["trace", "--buffer-mb", "3"], "--buffer-mb"),
         (["trace", "--buffer-mb", "0"], "--buffer-mb"),
         (["trace", "--buffer-mb", "2048"], "--buffer-mb"),
+        (["trace", "--nice", "-21"], "--nice"),
+        (["trace", "--nice", "high"], "--nice"),
         (["frobnicate"], "frobnicate"),
     ],
 )
@@ -202,3 +204,23 @@ print(during - before >= 1 << 20, mallinfo2().hblkhd == before)
 
     assert run("mapped") == ["True", "True"]
     assert run("default") == ["False", "True"]  # glibc's own way: from the heap
+
+
+@pytest.mark.parametrize("now,wanted,set_to", [(0, -5, -5), (-10, -5, None), (-5, -5, None),
+                                               (5, 0, 0)])
+def test_nice_only_ever_raises_the_priority(now, wanted, set_to, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.os, "getpriority", lambda which, who: now)
+    monkeypatch.setattr(cli.os, "setpriority", lambda which, who, n: calls.append(n))
+    assert cli._set_nice(wanted) == []
+    assert calls == ([] if set_to is None else [set_to])
+
+
+def test_nice_refused_is_a_warning_not_an_error(monkeypatch):
+    def refuse(which, who, n):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(cli.os, "getpriority", lambda which, who: 0)
+    monkeypatch.setattr(cli.os, "setpriority", refuse)
+    (warning,) = cli._set_nice(-5)
+    assert "-5" in warning and "Operation not permitted" in warning
