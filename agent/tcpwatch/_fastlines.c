@@ -528,6 +528,42 @@ static int comm_plain(const char *comm)
 	return n;
 }
 
+/* The local and remote addresses of ev as text; 0, or -1 if inet_ntop refuses them. */
+static int addr_texts(const struct tw_event *ev, char *laddr, char *raddr)
+{
+	int af = ev->family == AF_INET6 ? AF_INET6 : AF_INET;
+	return inet_ntop(af, ev->saddr, laddr, INET6_ADDRSTRLEN) &&
+			       inet_ntop(af, ev->daddr, raddr, INET6_ADDRSTRLEN)
+		       ? 0
+		       : -1;
+}
+
+/* A socket line up to its "netns" value: {"event":"<event>","ts":...,"rport":N,"netns":
+ * (frac: ns into the second of f->date). */
+static char *put_head(Formatter *f, char *o, const char *event, size_t event_len, long long frac,
+		      const struct tw_event *ev, const char *laddr, const char *raddr)
+{
+	o = PUT(o, "{\"event\":\"");
+	o = put(o, event, event_len);
+	o = PUT(o, "\",\"ts\":\"");
+	o = put(o, f->date, 19);
+	*o++ = '.';
+	o = put_3(o, (unsigned)(frac / 1000000));
+	o = put_3(o, (unsigned)(frac / 1000 % 1000));
+	o = PUT(o, "Z\",\"sk\":\"0x");
+	o = put_hex(o, ev->sk);
+	o = ev->family == AF_INET6 ? PUT(o, "\",\"family\":\"ipv6\",\"laddr\":\"")
+				   : PUT(o, "\",\"family\":\"ipv4\",\"laddr\":\"");
+	o = put(o, laddr, strlen(laddr));
+	o = PUT(o, "\",\"lport\":");
+	o = put_u64(o, ev->sport);
+	o = PUT(o, ",\"raddr\":\"");
+	o = put(o, raddr, strlen(raddr));
+	o = PUT(o, "\",\"rport\":");
+	o = put_u64(o, ev->dport);
+	return PUT(o, ",\"netns\":");
+}
+
 /* Write the `state` line of `ev`, or say why not (DEFER). */
 static int state_line(Formatter *f, const struct tw_event *ev)
 {
@@ -550,31 +586,12 @@ static int state_line(Formatter *f, const struct tw_event *ev)
 	if (sec != f->sec && set_second(f, sec) < 0)
 		return DEFER;
 	char laddr[INET6_ADDRSTRLEN], raddr[INET6_ADDRSTRLEN];
-	int v6 = ev->family == AF_INET6;
-	if (!inet_ntop(v6 ? AF_INET6 : AF_INET, ev->saddr, laddr, sizeof(laddr)) ||
-	    !inet_ntop(v6 ? AF_INET6 : AF_INET, ev->daddr, raddr, sizeof(raddr)))
+	if (addr_texts(ev, laddr, raddr) < 0)
 		return DEFER;
 	if (out_reserve(f, LINE_ROOM) < 0)
 		return FAIL;
 
-	char *o = f->out + f->out_len;
-	o = PUT(o, "{\"event\":\"state\",\"ts\":\"");
-	o = put(o, f->date, 19);
-	*o++ = '.';
-	o = put_3(o, (unsigned)(frac / 1000000));
-	o = put_3(o, (unsigned)(frac / 1000 % 1000));
-	o = PUT(o, "Z\",\"sk\":\"0x");
-	o = put_hex(o, ev->sk);
-	o = v6 ? PUT(o, "\",\"family\":\"ipv6\",\"laddr\":\"")
-	       : PUT(o, "\",\"family\":\"ipv4\",\"laddr\":\"");
-	o = put(o, laddr, strlen(laddr));
-	o = PUT(o, "\",\"lport\":");
-	o = put_u64(o, ev->sport);
-	o = PUT(o, ",\"raddr\":\"");
-	o = put(o, raddr, strlen(raddr));
-	o = PUT(o, "\",\"rport\":");
-	o = put_u64(o, ev->dport);
-	o = PUT(o, ",\"netns\":");
+	char *o = put_head(f, f->out + f->out_len, "state", 5, frac, ev, laddr, raddr);
 	o = ev->netns ? put_u64(o, ev->netns) : PUT(o, "null");
 	if (ev->flags & known) {
 		o = PUT(o, ",\"pid\":");
@@ -696,31 +713,12 @@ static int close_line(Formatter *f, const struct scan *s, const struct tw_event 
 	long long frac = ((long long)ev->ts_ns + f->mono_to_wall_ns) % NS; /* checked by state_line */
 
 	char laddr[INET6_ADDRSTRLEN], raddr[INET6_ADDRSTRLEN];
-	int v6 = ev->family == AF_INET6;
-	if (!inet_ntop(v6 ? AF_INET6 : AF_INET, ev->saddr, laddr, sizeof(laddr)) ||
-	    !inet_ntop(v6 ? AF_INET6 : AF_INET, ev->daddr, raddr, sizeof(raddr)))
+	if (addr_texts(ev, laddr, raddr) < 0)
 		return DEFER;
 	if (out_reserve(f, CW_LINE_ROOM) < 0)
 		return FAIL;
 
-	char *o = f->out + f->out_len;
-	o = PUT(o, "{\"event\":\"close_wait\",\"ts\":\"");
-	o = put(o, f->date, 19);
-	*o++ = '.';
-	o = put_3(o, (unsigned)(frac / 1000000));
-	o = put_3(o, (unsigned)(frac / 1000 % 1000));
-	o = PUT(o, "Z\",\"sk\":\"0x");
-	o = put_hex(o, ev->sk);
-	o = v6 ? PUT(o, "\",\"family\":\"ipv6\",\"laddr\":\"")
-	       : PUT(o, "\",\"family\":\"ipv4\",\"laddr\":\"");
-	o = put(o, laddr, strlen(laddr));
-	o = PUT(o, "\",\"lport\":");
-	o = put_u64(o, ev->sport);
-	o = PUT(o, ",\"raddr\":\"");
-	o = put(o, raddr, strlen(raddr));
-	o = PUT(o, "\",\"rport\":");
-	o = put_u64(o, ev->dport);
-	o = PUT(o, ",\"netns\":");
+	char *o = put_head(f, f->out + f->out_len, "close_wait", 10, frac, ev, laddr, raddr);
 	uint32_t netns = ev->netns ? ev->netns : h->netns;
 	o = netns ? put_u64(o, netns) : PUT(o, "null");
 	*o++ = ',';
