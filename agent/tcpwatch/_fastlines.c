@@ -279,6 +279,19 @@ static void held_del(Formatter *f, struct held *h)
 	}
 }
 
+/* The owner an event of a held socket carries, if it carries one (as Aggregator's
+ * _event_owner: entry, EOF and owner news alike). */
+static void held_owner(struct held *h, const struct tw_event *ev)
+{
+	const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
+	if (!(ev->flags & known))
+		return;
+	h->known = ev->flags & known;
+	h->pid = ev->pid;
+	h->tid = ev->tid;
+	memcpy(h->comm, ev->comm, TW_COMM_LEN);
+}
+
 static int order_live(const Formatter *f, const struct order *o)
 {
 	const struct held *h = held_find(f, o->sk);
@@ -760,16 +773,10 @@ static int close_line(Formatter *f, const struct scan *s, const struct tw_event 
 /* An event of a held socket: news and its exit are handled here, anything else is PROMOTE. */
 static int held_event(Formatter *f, struct scan *s, const struct tw_event *ev, struct held *h)
 {
-	const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
 	if (ev->kind == TW_KIND_EOF || ev->kind == TW_KIND_OWNER) {
 		if (ev->flags & TW_F_EOF_READ)
 			h->eof_read = 1;
-		if (ev->flags & known) {
-			h->known = ev->flags & known;
-			h->pid = ev->pid;
-			h->tid = ev->tid;
-			memcpy(h->comm, ev->comm, TW_COMM_LEN);
-		}
+		held_owner(h, ev);
 		f->run_events++;
 		return HANDLED;
 	}
@@ -853,7 +860,6 @@ static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
 	if (r != HANDLED)
 		return r;
 	if (entry) {
-		const unsigned known = TW_F_OWNER | TW_F_OWNER_LISTENER;
 		if (!(h = held_add(f, ev->sk)) || order_push(f, ev->sk, ev->ts_ns) < 0)
 			return FAIL;
 		h->since_ns = ev->ts_ns;
@@ -863,12 +869,7 @@ static int one(Formatter *f, struct scan *s, const unsigned char *p, size_t len,
 		h->sport = ev->sport;
 		h->dport = ev->dport;
 		h->v6 = ev->family == AF_INET6;
-		if (ev->flags & known) {
-			h->known = ev->flags & known;
-			h->pid = ev->pid;
-			h->tid = ev->tid;
-			memcpy(h->comm, ev->comm, TW_COMM_LEN);
-		}
+		held_owner(h, ev);
 	}
 	f->run_lines++;
 	f->run_events++;

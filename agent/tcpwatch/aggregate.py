@@ -348,12 +348,16 @@ class Aggregator:
             return
         pending[t] = None
 
+    def _adopt(self, t: _Tracked) -> None:
+        """A socket kept elsewhere until now (see `_held`), tracked here from now on."""
+        self._by_sk[t.sk] = t
+        self._insert_pending(t)
+
     def _adopt_held(self) -> None:
         """Every socket `_held` keeps, tracked here from now on."""
         if self._held is not None:
             for t in self._held(None):
-                self._by_sk[t.sk] = t
-                self._insert_pending(t)
+                self._adopt(t)
 
     def _forget(self, tracked: _Tracked) -> None:
         if tracked.sk is not None and self._by_sk.get(tracked.sk) is tracked:

@@ -522,8 +522,7 @@ class FastPath:
         """A socket held in C that an event about to come here is about."""
         t = self._tracked_of(row)
         self.adopted += 1
-        self.agg._by_sk[t.sk] = t
-        self.agg._insert_pending(t)
+        self.agg._adopt(t)
 
     def _take_held(self, limit_ns: int | None) -> list[_Tracked]:
         """Aggregator._held: the sockets held in C that entered CLOSE_WAIT by limit_ns (all
