@@ -21,7 +21,8 @@
  * the same header the kernel programs are built from.
  *
  * scan_list(batch, by_sk, unbound, room) -> (items, first_ts)
- * scan_ring(buf, start, end, by_sk, unbound, room) -> (items, end_reached, first_ts)
+ * scan_ring(buf, start, end, by_sk, unbound, room[, records, stop])
+ *     -> (items, end_reached, first_ts)
  *   items: in order, raw `bytes` records handed back and `(lines, n_lines, n_events)`
  *   tuples for runs of events handled here (EOF/owner news of untracked sockets make no
  *   line); first_ts: ts_ns of the first record seen, None if none.
@@ -993,18 +994,20 @@ fail:
 	return NULL;
 }
 
-/* The records of a BPF ring buffer's data area between byte offsets start and end of buf
- * (laid out as ringbuf.walk() reads it: 8-byte headers, records rounded up to 8 bytes;
- * stops at a record still being written). Headers are read with acquire loads: the
+/* The records of a BPF ring buffer's data area that start between byte offsets start and
+ * stop (default: end) of buf and end by `end` (laid out as ringbuf.walk() reads it: 8-byte
+ * headers, records rounded up to 8 bytes; stops at a record still being written). Headers are read with acquire loads: the
  * kernel clears BUSY with a release store after writing the record. */
 static PyObject *scan_ring(Formatter *f, PyObject *args)
 {
 	PyObject *obj, *by_sk;
-	Py_ssize_t start, end, room;
+	Py_ssize_t start, end, room, stop = -1;
 	int unbound, records = 0;
-	if (!PyArg_ParseTuple(args, "OnnOpn|p", &obj, &start, &end, &by_sk, &unbound, &room,
-			      &records))
+	if (!PyArg_ParseTuple(args, "OnnOpn|pn", &obj, &start, &end, &by_sk, &unbound, &room,
+			      &records, &stop))
 		return NULL;
+	if (stop < 0 || stop > end)
+		stop = end;
 	Py_buffer view;
 	if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
 		return NULL;
@@ -1021,7 +1024,7 @@ static PyObject *scan_ring(Formatter *f, PyObject *args)
 	}
 	const unsigned char *buf = view.buf;
 	Py_ssize_t off = start;
-	while (off + RB_HDR <= end) {
+	while (off < stop && off + RB_HDR <= end) {
 		uint32_t hdr = __atomic_load_n((const uint32_t *)(buf + off), __ATOMIC_ACQUIRE);
 		if (hdr & RB_BUSY)
 			break;
@@ -1197,7 +1200,8 @@ static PyMethodDef methods[] = {
 	{"scan_list", (PyCFunction)scan_list, METH_VARARGS,
 	 "scan_list(batch, by_sk, unbound, room) -> (items, first_ts)"},
 	{"scan_ring", (PyCFunction)scan_ring, METH_VARARGS,
-	 "scan_ring(buf, start, end, by_sk, unbound, room) -> (items, end_reached, first_ts)"},
+	 "scan_ring(buf, start, end, by_sk, unbound, room[, records, stop]) -> (items, end_reached, "
+	 "first_ts)"},
 	{"secs", (PyCFunction)secs, METH_O, "secs(q) -> q microseconds as orjson writes q / 1e6"},
 	{"configure", (PyCFunction)configure, METH_VARARGS,
 	 "configure((names, names_last_ack), (causes, causes_last_ack), causes_on, slow_close_s, "

@@ -234,9 +234,9 @@ class FastPath:
                                       bool(self.record_sinks))[0]
         self.process_items(batch)
 
-    def ring_scanner(self) -> Callable[[Any, int, int], tuple[list, int]] | None:
+    def ring_scanner(self) -> Callable[[Any, int, int, int], tuple[list, int]] | None:
         """For a ring buffer read in place (ringbuf.MmapRing.drain_with): a function that
-        walks the records between two offsets of its memory and writes the plain ones,
+        walks the records between offsets of its memory and writes the plain ones,
         returning (items for process_items, the offset reached); None without the
         compiled module."""
         if self._c is None:
@@ -245,9 +245,10 @@ class FastPath:
         agg = self.agg
         records = bool(self.record_sinks)
 
-        def scan(buf: Any, start: int, end: int) -> tuple[list, int]:
+        def scan(buf: Any, start: int, end: int, stop: int) -> tuple[list, int]:
             items, reached, first_ts = scan_ring(buf, start, end, agg._by_sk,
-                                                 bool(agg._unbound), self._room(), records)
+                                                 bool(agg._unbound), self._room(), records,
+                                                 stop)
             if agg._start_ns is None and first_ts is not None:
                 agg._start_ns = first_ts
             return items, reached

@@ -7,8 +7,11 @@ kernel's (Documentation/bpf/ringbuf.rst), mapped as libbpf maps it:
 - offset 0, one page, read-write: the consumer page; its first u64 is consumer_pos, which
   only we write (it tells the kernel how much room it may reuse);
 - offset page_size, read-only: the producer page (first u64: producer_pos), then the data
-  area of `data_size` bytes mapped twice in a row, so a record that wraps around the end of
-  the data area is still contiguous here.
+  area of `data_size` bytes, which the kernel lets us map twice in a row, so that a record
+  that wraps around the end of the data area is still contiguous. We map the second copy's
+  first page only (`EXTRA`): a record is far shorter than a page, so that is enough, and the
+  mapping adds the ring's size to the agent's RSS once, not twice. Walks that pass the end
+  of the data area go on from its start (MmapRing.drain_with).
 
 Positions are free-running u64 byte counters; a record starts at `pos & (data_size - 1)`
 in the data area with an 8-byte header: u32 len (payload bytes, plus BUSY while the producer
@@ -39,6 +42,7 @@ HDR_SIZE = 8
 _FLAGS = BUSY_BIT | DISCARD_BIT
 _LEN = DISCARD_BIT - 1
 
+EXTRA = 4096  # bytes of the data area's second copy mapped after it: more than a record
 BPF_MAP_TYPE_RINGBUF = 27
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _NR_BPF = {"x86_64": 321}
@@ -50,16 +54,48 @@ def mmap_supported() -> bool:
 
 
 def walk(buf, cons: int, prod: int, mask: int, base: int = 0,
-         limit: int | None = None) -> tuple[list[bytes], int]:
+         limit: int | None = None, extra: int = EXTRA) -> tuple[list[bytes], int]:
     """Records between positions `cons` and `prod`: (payloads in ring order, new consumer pos).
 
-    `buf` is laid out like the double-mapped area from byte `base` on (2 * (mask + 1) bytes)
-    and must slice to bytes (an mmap, bytes). Stops at the first record still BUSY, skips
-    discarded ones, and after `limit` payloads if given. Pure: tests feed it a bytes buffer.
+    `buf` is laid out like the mapping from byte `base` on: the data area (mask + 1 bytes),
+    then at least its first `extra` bytes again, and must slice to bytes (an mmap, bytes).
+    Stops at the first record still BUSY, skips discarded ones, and after `limit` payloads
+    if given. Pure: tests feed it a bytes buffer.
     """
+    return walk_wrapped(buf, cons, prod, mask, base, _limited(limit), extra)
+
+
+def _limited(limit: int | None) -> Callable[..., tuple[list[bytes], int]]:
+    """walk_span() as a walk_wrapped() scan, with at most `limit` payloads over its calls."""
+    left = limit
+
+    def scan(buf, start: int, end: int, stop: int) -> tuple[list[bytes], int]:
+        nonlocal left
+        out, off = walk_span(buf, start, end, left, stop)
+        if left is not None:
+            left -= len(out)
+        return out, off
+
+    return scan
+
+
+def walk_wrapped(buf, cons: int, prod: int, mask: int, base: int,
+                 scan: Callable[..., tuple[list, int]], extra: int = EXTRA
+                 ) -> tuple[list, int]:
+    """`scan(buf, start, end, stop)` over the records between positions cons and prod, in
+    one piece or, when they pass the end of the data area, in two: up to the end (a record
+    that starts before it and runs over is read whole in the `extra` bytes of the second copy
+    mapped after it), then on from the start. Returns (items of both, the position reached)."""
     start, end = span(cons, prod, mask, base)
-    out, off = walk_span(buf, start, end, limit)
-    return out, cons + (off - start)
+    wrap = base + mask + 1
+    if end <= wrap:
+        items, off = scan(buf, start, end, end)
+        return items, cons + (off - start)
+    items, off = scan(buf, start, min(end, wrap + extra), wrap)
+    if off < wrap:  # stopped early (a busy record, a limit)
+        return items, cons + (off - start)
+    more, off2 = scan(buf, off - wrap + base, end - wrap + base, end - wrap + base)
+    return items + more, cons + (off - start) + (off2 - (off - wrap + base))
 
 
 def span(cons: int, prod: int, mask: int, base: int = 0) -> tuple[int, int]:
@@ -72,14 +108,17 @@ def span(cons: int, prod: int, mask: int, base: int = 0) -> tuple[int, int]:
     return start, start + avail
 
 
-def walk_span(buf, start: int, end: int, limit: int | None = None) -> tuple[list[bytes], int]:
-    """walk() between two byte offsets of `buf`: (payloads, the offset reached)."""
+def walk_span(buf, start: int, end: int, limit: int | None = None,
+              stop: int | None = None) -> tuple[list[bytes], int]:
+    """walk() between two byte offsets of `buf`: (payloads, the offset reached). Only records
+    that start before `stop` (default: end) are read; each must end by `end`."""
     off = start
+    stop = end if stop is None else stop
     out: list[bytes] = []
     append = out.append
     with memoryview(buf) as mv, mv.cast("I") as words:
         if limit is None:
-            while off < end:
+            while off < stop:
                 hdr = words[off >> 2]
                 if hdr & _FLAGS:
                     if hdr & BUSY_BIT:
@@ -87,18 +126,23 @@ def walk_span(buf, start: int, end: int, limit: int | None = None) -> tuple[list
                     off += ((hdr & _LEN) + HDR_SIZE + 7) & ~7  # discarded: skip it
                     continue
                 nxt = off + HDR_SIZE + hdr
+                if nxt > end:
+                    raise ValueError(f"ring record at {off} runs past {end}")
                 append(buf[off + HDR_SIZE:nxt])
                 off = (nxt + 7) & ~7
         else:  # a second loop so that the usual, unlimited one pays for no count
             left = limit
-            while off < end and left > 0:
+            while off < stop and left > 0:
                 hdr = words[off >> 2]
                 if hdr & BUSY_BIT:
                     break
+                nxt = off + HDR_SIZE + (hdr & _LEN)
+                if nxt > end:
+                    raise ValueError(f"ring record at {off} runs past {end}")
                 if not hdr & DISCARD_BIT:
-                    append(buf[off + HDR_SIZE:off + HDR_SIZE + hdr])
+                    append(buf[off + HDR_SIZE:nxt])
                     left -= 1
-                off += ((hdr & _LEN) + HDR_SIZE + 7) & ~7
+                off = (nxt + 7) & ~7
     return out, off
 
 
@@ -153,13 +197,14 @@ class MmapRing:
         self.data_size = size
         self._mask = size - 1
         self._base = page  # the data area follows the producer page
+        self.peak = 0  # the most bytes found waiting at a drain (how close to full it came)
         # Our own descriptor: bcc closes its map fd in cleanup(), maybe before close() here.
         self._fd = os.dup(map_fd)
         self._cons_mm = self._mm = None
         self._cons = self._prod = None
         try:
             self._cons_mm = mmap.mmap(self._fd, page, access=mmap.ACCESS_WRITE, offset=0)
-            self._mm = mmap.mmap(self._fd, page + 2 * size, access=mmap.ACCESS_READ,
+            self._mm = mmap.mmap(self._fd, page + size + EXTRA, access=mmap.ACCESS_READ,
                                  offset=page)
             self._cons = memoryview(self._cons_mm).cast("Q")
             self._prod = memoryview(self._mm).cast("Q")
@@ -187,21 +232,23 @@ class MmapRing:
 
     def drain(self, limit: int | None = None) -> list[bytes]:
         """Every submitted record (at most `limit`) as bytes, in ring order; frees their room."""
-        return self.drain_with(lambda buf, start, end: walk_span(buf, start, end, limit))
+        return self.drain_with(_limited(limit))
 
-    def drain_with(self, scan: Callable[[mmap.mmap, int, int], tuple[list, int]]) -> list:
-        """drain() with `scan(memory, start, end) -> (items, offset reached)` walking the
-        records between two byte offsets of this mapping (walk_span(), or fastpath's
-        compiled scanner); their room is freed up to where it stopped."""
+    def drain_with(self, scan: Callable[[mmap.mmap, int, int, int], tuple[list, int]]) -> list:
+        """drain() with `scan(memory, start, end, stop) -> (items, offset reached)` walking
+        the records that start between two byte offsets of this mapping, start and stop, and
+        end by `end` (walk_span(), or fastpath's compiled scanner), once or twice (see
+        walk_wrapped); their room is freed up to where it stopped."""
         cons = self._cons[0]
         prod = self._prod[0]
         if cons == prod:
             return []
-        start, end = span(cons, prod, self._mask, self._base)
-        items, reached = scan(self._mm, start, end)
-        if reached != start:
+        if prod - cons > self.peak:
+            self.peak = prod - cons
+        items, reached = walk_wrapped(self._mm, cons, prod, self._mask, self._base, scan)
+        if reached != cons:
             # The payloads are copies now: hand their room back to the kernel.
-            self._cons[0] = cons + (reached - start)
+            self._cons[0] = reached
         return items
 
     def close(self) -> None:

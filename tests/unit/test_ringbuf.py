@@ -1,7 +1,8 @@
 """ringbuf.walk(): the BPF ring buffer's record protocol on synthetic buffers (no kernel).
 
 Buffers are laid out as the reader sees the kernel's mapping: the data area twice in a row
-(after `base` bytes standing for the producer page), with positions free-running and masked.
+(after `base` bytes standing for the producer page), or as MmapRing maps it, the second copy
+cut short, with positions free-running and masked.
 """
 
 from __future__ import annotations
@@ -172,6 +173,44 @@ def test_random_streams_match_a_model():
         out, new = walk(ring.mapped(base=8), cons, ring.prod, MASK, base=8)
         assert out == expected
         assert new == (busy_at if busy_at is not None else ring.prod)
+
+
+def test_the_second_copy_cut_short_reads_the_same_in_two_pieces():
+    # MmapRing maps EXTRA bytes of the second copy, not all of it: a walk that passes the end
+    # of the data area reads the record across it there, then goes on from the start; with a
+    # limit too, spread over the two pieces.
+    rnd = random.Random(5)
+    extra = 64  # more than the longest record below (8 + 45 bytes)
+    for _ in range(300):
+        ring = Ring(pos=rnd.randrange(1 << 40) & ~7)
+        cons = ring.start
+        expected: list[bytes] = []
+        while True:
+            payload = rnd.randbytes(rnd.choice([0, 1, 7, 8, 9, 24, 45]))
+            if ring.prod + ((8 + len(payload) + 7) & ~7) - cons > SIZE:
+                break
+            pos = ring.put(payload)
+            if rnd.random() < 0.15:
+                ring.set_flags(pos, DISCARD_BIT)
+            else:
+                expected.append(payload)
+        mem = ring.mapped(base=8)[:8 + SIZE + extra]
+        got: list[bytes] = []
+        while cons != ring.prod:
+            out, cons = walk(mem, cons, ring.prod, MASK, base=8, extra=extra,
+                             limit=rnd.choice([None, 1, 3, 7]))
+            got += out
+        assert got == expected
+
+
+def test_a_record_running_past_the_end_is_refused():
+    ring = Ring()
+    ring.put(b"x" * 16)
+    data = bytearray(ring.mapped())
+    struct.pack_into("=I", data, 0, 200)  # a length past what the producer position covers
+    for limit in (None, 5):
+        with pytest.raises(ValueError, match="runs past"):
+            walk(bytes(data), 0, ring.prod, MASK, limit=limit)
 
 
 def test_mmap_reader_only_on_x86_64(monkeypatch):
