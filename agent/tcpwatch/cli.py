@@ -199,10 +199,11 @@ def main(args: list[str] | None = None) -> None:
     help="With --rotate-*: keep the N newest rotated files (gzipped), delete older ones.",
 )
 @click.option(
-    "--buffer-mb", type=click.IntRange(min=1, max=1024), default=8, show_default=True,
+    "--buffer-mb", type=click.IntRange(min=1, max=1024), default=16, show_default=True,
     metavar="MB", callback=lambda ctx, param, value: _power_of_two(param, value),
     help="Kernel ring buffer size, a power of two: what it holds (~7,000 events a MB) is "
-    "what a burst can outrun the agent by before events are lost (and counted).",
+    "what a burst can outrun the agent by before events are lost (and counted). It adds "
+    "this much to the agent's RSS. The summary says how full it came.",
 )
 @click.option(
     "--nice", "nice", type=click.IntRange(min=-20, max=19), default=DEFAULT_NICE,
@@ -245,12 +246,14 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks, rotate
     # SIGHUP (logrotate): the log file reopens PATH at its next flush; nothing else stops.
     reopeners = [s.request_reopen for s in sinks if hasattr(s, "request_reopen")]
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: [r() for r in reopeners])
+    # Before the start-up: on a busy host the compile finishes sooner, and the events that
+    # pile up between switching them on and the first drain are fewer.
+    warnings = [*warnings, *_set_nice(nice)]
     try:
         try:
             opened = source.open()
         except loader.LoaderError as exc:
             raise Fatal(str(exc)) from None
-        warnings = [*warnings, *_set_nice(nice)]
         summary = _run(source, opened, warnings, sinks, leak_after, duration, pids, ports,
                        states, stacks, stop_requested)
     finally:
@@ -258,9 +261,11 @@ def trace(fmt, output, leak_after, duration, pids, ports, states, stacks, rotate
             signal.signal(sig, handler)
         source.close()
     if fmt != "table":  # the table prints its own summary line
+        peak = summary.get("buffer_peak_pct")
         click.echo(
             f"tcpwatch: {summary['events']} events, {summary['close_waits']} CLOSE_WAIT exits, "
-            f"{summary['leaks']} leaks, {summary['lost']} lost",
+            f"{summary['leaks']} leaks, {summary['lost']} lost"
+            + ("" if peak is None else f" (kernel buffer at most {peak:g}% full)"),
             err=True,
         )
 
@@ -269,7 +274,7 @@ def _set_nice(nice: int) -> list[str]:
     """Lower the agent's nice value to `nice` (never raise it); a warning if refused.
 
     On a host whose CPUs the traced workload saturates, a drain that waits ~150 ms for a CPU
-    lets the 8 MB ring (~0.15 s of a loopback churn) overflow: measured in scripts/bench,
+    let an 8 MB ring (~0.15 s of a loopback churn) overflow: measured in scripts/bench,
     drains of the agent at nice 0 spent 20-33 ms runnable but not running.
     """
     try:

@@ -244,6 +244,8 @@ class TraceLoop:
         if "rescued" in counts:
             # Transitions the kernel skipped the state program for, recovered (not in `lost`).
             summary["rescued"] = counts["rescued"]
+        if "buffer_peak_pct" in counts:
+            summary["buffer_peak_pct"] = counts["buffer_peak_pct"]
         self.emit([summary])
         return summary
 

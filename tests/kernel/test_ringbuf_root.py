@@ -17,7 +17,7 @@ import time
 import pytest
 from scenarios import PER_CONNECTION, Burst
 
-from tcpwatch import loader, schema
+from tcpwatch import loader, ringbuf, schema
 
 pytestmark = pytest.mark.kernel
 
@@ -136,14 +136,18 @@ def test_mmap_reader_delivers_what_bcc_delivers(monkeypatch, one_cpu):
 
 
 
-def test_one_page_ring_accounts_for_every_transition(monkeypatch):
+@pytest.mark.parametrize("pages", [1, 4])
+def test_small_ring_accounts_for_every_transition(monkeypatch, pages):
+    # One page: the mapping holds the data area twice. Four: the second copy is cut short
+    # (ringbuf.EXTRA), so drains that pass the end of the data area go on from its start.
     connections = 2000
     made = connections * PER_CONNECTION + 1
     burst = Burst(connections)
     port = burst.port
     try:
-        with kernel_source("mmap", monkeypatch, ports=(port,), ring_pages=1) as src:
-            assert src._ring.data_size == 4096
+        with kernel_source("mmap", monkeypatch, ports=(port,), ring_pages=pages) as src:
+            assert src._ring.data_size == 4096 * pages
+            assert len(src._ring._mm) == 4096 + 4096 * pages + ringbuf.EXTRA
             got: list[bytes] = []
             burst.go()
             while burst.running():  # drain as trace does, on a short timer
@@ -160,11 +164,12 @@ def test_one_page_ring_accounts_for_every_transition(monkeypatch):
             counts = src.counters()
     finally:
         burst.close()
-    assert counts["lost"] > 0, "a one-page ring should overflow under this burst"
+    assert counts["lost"] > 0, "a small ring should overflow under this burst"
     assert len(got) == counts["events"], counts
     assert len(got) + counts["lost"] + counts["missed"] == made, (len(got), counts)
-    # Each record lapped the 4 KiB data area many times over: none may come out torn.
-    assert len(got) * RECORD > 20 * 4096
+    assert 0 < counts["buffer_peak_pct"] <= 100, counts
+    # Each record lapped the data area many times over: none may come out torn.
+    assert len(got) * RECORD > 20 * 4096 * pages
     for raw in got:
         ev = schema.decode(raw)
         assert ev["kind"] == 1 and ev["family"] == 4, ev
@@ -193,10 +198,14 @@ def test_wait_and_drain(monkeypatch):
         while ring.pending() < PER_CONNECTION * RECORD and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ring.wait(5) is True
+        waiting = ring.pending()
         first = ring.drain(limit=3)
         rest = src.poll(0)
         assert len(first) == 3 and len(first) + len(rest) == PER_CONNECTION
         assert ring.pending() == 0 and ring.wait(0) is False
+        # The fullest it was at a drain: all of that connection's records, waiting.
+        assert ring.peak == waiting == PER_CONNECTION * RECORD
+        assert src.counters()["buffer_peak_pct"] == round(100 * waiting / ring.data_size, 1)
         lifetimes = chains([schema.decode(raw) for raw in first + rest])
         assert sorted(map(tuple, lifetimes)) == [tuple(CLIENT_CHAIN), tuple(SERVER_CHAIN)]
     listener.close()

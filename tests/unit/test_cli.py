@@ -134,7 +134,7 @@ def test_real_unprivileged_user_gets_no_traceback():
     ]
 
 
-@pytest.mark.parametrize("mb,pages", [(1, 256), (8, 2048), (32, 8192)])
+@pytest.mark.parametrize("mb,pages", [(1, 256), (8, 2048), (32, 8192), (None, 4096)])
 def test_buffer_mb_sizes_the_kernel_ring(monkeypatch, capsys, mb, pages):
     seen = []
 
@@ -151,9 +151,9 @@ def test_buffer_mb_sizes_the_kernel_ring(monkeypatch, capsys, mb, pages):
     monkeypatch.delenv("TCPWATCH_RING_PAGES", raising=False)
     monkeypatch.setattr(loader, "preflight", lambda: [])
     monkeypatch.setattr(loader, "KernelSource", Source)
-    code, _, err = run(["trace", "--buffer-mb", str(mb)], capsys)
+    code, _, err = run(["trace"] + ([] if mb is None else ["--buffer-mb", str(mb)]), capsys)
     assert code == 1 and "stop here" in err
-    assert seen[0].ring_pages == pages
+    assert seen[0].ring_pages == pages  # default: 16 MB
 
 
 def test_every_thread_allocates_from_one_malloc_arena():

@@ -242,3 +242,16 @@ def test_the_summary_says_how_many_sockets_the_kernel_map_forgot_when_the_source
     assert loop.run(None)["sock_evicted_min"] == 37
     summary, _ = run_loop([raw(leaking_server())], [0])
     assert "sock_evicted_min" not in summary  # a recorded source knows nothing of the map
+
+
+def test_the_summary_says_how_full_the_buffer_came_when_the_source_knows():
+    class Filling(RecordedSource):
+        def counters(self) -> dict[str, int | float]:
+            return {"lost": 0, "buffer_peak_pct": 12.5}
+
+    agg = Aggregator(leak_after_s=60, mono_to_wall_ns=WALL_OFFSET_NS)
+    loop = TraceLoop(Filling([raw(leaking_server())], [0]), agg, [NdjsonSink(io.BytesIO())])
+    loop.stop()
+    assert loop.run(None)["buffer_peak_pct"] == 12.5
+    summary, _ = run_loop([raw(leaking_server())], [0])
+    assert "buffer_peak_pct" not in summary  # a recorded source reads no ring

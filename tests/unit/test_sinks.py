@@ -457,3 +457,16 @@ def test_ndjson_sink_write_lines():
     sink.write_lines(b'{"event":"state"}\n{"event":"state"}\n', 2)
     sink.close()
     assert buf.getvalue() == b'{"event":"start"}\n{"event":"state"}\n{"event":"state"}\n'
+
+
+def test_table_summary_says_how_full_the_kernel_buffer_came():
+    out = io.StringIO()
+    sink = TableSink(out, color=False)
+    rec = {"event": "summary", "events": 9, "leaks": 0, "lost": 0, "close_waits": 2,
+           "elapsed_s": 31.0}
+    sink.write(rec)
+    sink.write({**rec, "buffer_peak_pct": 37.5})
+    first, second = out.getvalue().splitlines()[-2:]
+    assert first == "9 events, 0 leaks, 0 lost (2 left CLOSE_WAIT, 31.00s traced)"
+    assert second == ("9 events, 0 leaks, 0 lost (2 left CLOSE_WAIT, 31.00s traced, "
+                      "kernel buffer at most 37.5% full)")

@@ -383,10 +383,12 @@ class TableSink(BufferedSink):
     def _summary(self, rec: dict) -> None:
         self._report_hidden()
         bad = rec["leaks"] or rec["lost"]
+        peak = rec.get("buffer_peak_pct")
         self._emit(
             f"{rec['events']} events, {rec['leaks']} leaks, {rec['lost']} lost "
             f"({rec.get('close_waits', 0)} left CLOSE_WAIT, "
-            f"{human_secs(rec.get('elapsed_s') or 0)} traced)",
+            f"{human_secs(rec.get('elapsed_s') or 0)} traced"
+            + ("" if peak is None else f", kernel buffer at most {peak:g}% full") + ")",
             bold=True,
             fg="red" if bad else None,
         )
