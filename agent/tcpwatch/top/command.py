@@ -12,6 +12,7 @@ The loop only pumps the collector, reads keys and asks the view for a frame; col
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import shutil
@@ -265,6 +266,10 @@ def open_collector(window_s: float, ports: tuple[int, ...], leak_after: float,
         opened = source.open()
     except loader.LoaderError as exc:
         return snapshot(f"kernel programs unavailable: {exc}")
+    from tcpwatch.background import BackgroundPoll
+
+    # Drained on a thread while frames are built; up to the buffer's size again waits here.
+    source = BackgroundPoll(source, max_held=source.opts.ring_pages * mmap.PAGESIZE)
     collector = KernelCollector(
         source, opened.hooks, window_s, ports, leak_after, slow_close,
         warnings + opened.warnings, mono_to_wall_ns=loader.mono_to_wall_ns(), cw_map=True,
