@@ -215,8 +215,11 @@ class TraceLoop:
             self._inflight = due
             self.resolver.submit(due, self.agg.keys(due))
 
-    def run(self, duration_s: float | None = None) -> dict:
-        """Loop until stop() or duration_s; returns the summary record (also emitted)."""
+    def run(self, duration_s: float | None = None,
+            after_loop: Callable[[], object] | None = None) -> dict:
+        """Loop until stop() or duration_s; returns the summary record (also emitted).
+        after_loop: called when the loop ends, before the last drain and lookups (trace
+        drops its real-time priority there)."""
         start = self.clock()
         deadline = start + int(duration_s * 1e9) if duration_s else None
         last_second = start
@@ -232,6 +235,8 @@ class TraceLoop:
                 sink.maybe_flush(wall)
             if deadline is not None and now >= deadline:
                 break
+        if after_loop is not None:
+            after_loop()
         # Whatever the kernel produced before we stopped is still delivered.
         self._drain(0)
         now = self.clock()

@@ -224,3 +224,21 @@ def test_nice_refused_is_a_warning_not_an_error(monkeypatch):
     monkeypatch.setattr(cli.os, "setpriority", refuse)
     (warning,) = cli._set_nice(-5)
     assert "-5" in warning and "Operation not permitted" in warning
+
+
+def test_realtime_is_sched_rr_1_for_the_calling_thread_and_back(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.os, "sched_setscheduler",
+                        lambda pid, policy, param: calls.append((pid, policy,
+                                                                 param.sched_priority)))
+    assert cli._set_realtime(True) == [] and cli._set_realtime(False) == []
+    assert calls == [(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, 1), (0, os.SCHED_OTHER, 0)]
+
+
+def test_realtime_refused_is_a_warning_not_an_error(monkeypatch):
+    def refuse(pid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(cli.os, "sched_setscheduler", refuse)
+    (warning,) = cli._set_realtime(True)
+    assert "real-time" in warning and "Operation not permitted" in warning

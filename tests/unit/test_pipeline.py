@@ -255,3 +255,19 @@ def test_the_summary_says_how_full_the_buffer_came_when_the_source_knows():
     assert loop.run(None)["buffer_peak_pct"] == 12.5
     summary, _ = run_loop([raw(leaking_server())], [0])
     assert "buffer_peak_pct" not in summary  # a recorded source reads no ring
+
+
+def test_after_loop_runs_once_before_the_last_drain():
+    # trace drops its real-time priority there: the last drain and lookups run without it.
+    order: list[str] = []
+
+    class Watched(RecordedSource):
+        def poll(self, timeout_s: float) -> list[bytes]:
+            order.append("poll")
+            return super().poll(timeout_s)
+
+    agg = Aggregator(leak_after_s=60, mono_to_wall_ns=WALL_OFFSET_NS)
+    loop = TraceLoop(Watched([raw(leaking_server())], [0]), agg, [NdjsonSink(io.BytesIO())])
+    loop.stop()  # no loop turn: straight to the end
+    loop.run(None, after_loop=lambda: order.append("after"))
+    assert order == ["after", "poll"]
