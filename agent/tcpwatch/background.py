@@ -22,7 +22,7 @@ class BackgroundPoll:
     thread, so memory stays bounded by about twice the buffer.
     """
 
-    def __init__(self, source: Any, max_held: int, interval_s: float = 0.02) -> None:
+    def __init__(self, source: Any, max_held: int, interval_s: float = 0.05) -> None:
         self._source = source
         self._max_held = max_held
         self._interval_s = interval_s
@@ -30,6 +30,7 @@ class BackgroundPoll:
         self._batches: list[list[bytes]] = []
         self._held = 0  # bytes in _batches
         self._passes = 0  # drains done by the thread
+        self._syncing = 0  # callers in poll(0), waiting for a pass
         self._stop = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tcpwatch-drain", daemon=True)
@@ -49,7 +50,8 @@ class BackgroundPoll:
                         self._batches.append(batch)
                         self._held += sum(map(len, batch))
                     self._passes += 1
-                    self._cond.notify_all()
+                    if batch or self._syncing:  # an idle pass wakes nobody
+                        self._cond.notify_all()
         except BaseException as exc:  # handed to the caller at its next poll()
             with self._cond:
                 self._error = exc
@@ -61,8 +63,10 @@ class BackgroundPoll:
         with self._cond:
             if timeout_s <= 0:
                 want = self._passes + 2  # the pass under way may have begun before the call
+                self._syncing += 1
                 self._cond.wait_for(lambda: self._passes >= want or self._error is not None
                                     or self._held >= self._max_held, 1.0)
+                self._syncing -= 1
             elif not self._batches:
                 self._cond.wait_for(lambda: self._batches or self._error is not None,
                                     timeout_s)
