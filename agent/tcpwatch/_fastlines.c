@@ -542,6 +542,15 @@ static int comm_plain(const char *comm)
 	return n;
 }
 
+/* A CLOCK_MONOTONIC time as wall-clock ns; -1 when it does not fit (Python then decides). */
+static int wall_of(const Formatter *f, uint64_t mono_ns, long long *wall)
+{
+	if (mono_ns > (uint64_t)LLONG_MAX ||
+	    __builtin_add_overflow((long long)mono_ns, f->mono_to_wall_ns, wall) || *wall < 0)
+		return -1;
+	return 0;
+}
+
 /* The local and remote addresses of ev as text; 0, or -1 if inet_ntop refuses them. */
 static int addr_texts(const struct tw_event *ev, char *laddr, char *raddr)
 {
@@ -593,8 +602,7 @@ static int state_line(Formatter *f, const struct tw_event *ev)
 	    (ev->prev_ns >= EXACT_BELOW_NS || ev->prev_ns % 1000 == 500))
 		return DEFER; /* round() decides: Python */
 	long long wall;
-	if (ev->ts_ns > (uint64_t)LLONG_MAX ||
-	    __builtin_add_overflow((long long)ev->ts_ns, f->mono_to_wall_ns, &wall) || wall < 0)
+	if (wall_of(f, ev->ts_ns, &wall) < 0)
 		return DEFER;
 	long long sec = wall / NS, frac = wall % NS;
 	if (sec != f->sec && set_second(f, sec) < 0)
@@ -716,9 +724,7 @@ static int close_line(Formatter *f, const struct scan *s, const struct tw_event 
 		return DEFER; /* a table shows every close that is not routine: it needs the record */
 
 	long long since_wall;
-	if (h->since_ns > (uint64_t)LLONG_MAX ||
-	    __builtin_add_overflow((long long)h->since_ns, f->mono_to_wall_ns, &since_wall) ||
-	    since_wall < 0)
+	if (wall_of(f, h->since_ns, &since_wall) < 0)
 		return DEFER;
 	const char *sdate = since_date(f, since_wall / NS);
 	if (!sdate)
