@@ -11,6 +11,9 @@
 //   TW_RESCUE        1: a raw tracepoint program handles the firings the classic state
 //                    program does not run for (see "rescue" below); top may then run on
 //                    raw programs alone (TW_CFG_CW_RAW, see "top's raw path")
+//   TW_HAVE_TASK_REGS the current syscall's number can be read (x86-64, 5.15+): at offset
+//                    TW_REGS_NR_OFF of the saved registers, compared with TW_NR_CLOSE,
+//                    TW_NR_CLOSE_RANGE, TW_NR_SHUTDOWN (see outcome_of)
 //   TW_MAX_SOCKS, TW_RB_PAGES  map and ring buffer sizes
 // User input never reaches this text: filters live in maps written after load.
 //
@@ -37,6 +40,7 @@
 #define TS_ESTABLISHED 1
 #define TS_SYN_SENT 2
 #define TS_SYN_RECV 3
+#define TS_FIN_WAIT1 4
 #define TS_CLOSE 7
 #define TS_CLOSE_WAIT 8
 #define TS_LISTEN 10
@@ -228,6 +232,24 @@ static __always_inline int is_tcp(struct tw_cfg *cf, u64 sk)
 	return prot && (prot == cf->v[TW_CFG_TCP_PROT] || prot == cf->v[TW_CFG_TCPV6_PROT]);
 }
 
+#ifdef TW_HAVE_TASK_REGS
+// The number of the syscall the current task is in, from the registers it entered the kernel
+// with (x86-64: orig_ax, at an offset fixed by the user ABI; the loader passes it, and sets
+// TW_HAVE_TASK_REGS only where the helpers load). Read as plain memory, and trusted
+// (TW_CFG_SYSNR) only once the calibration has seen listen() and close() read right. It
+// replaces the syscall tracepoints, which, once attached, send every syscall of every task
+// on the host through the slow path. (No header for struct pt_regs: linux/ptrace.h alone
+// adds half a second to the compile.)
+static __always_inline s64 current_sysnr(void)
+{
+	void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	s64 nr = -1;
+
+	bpf_probe_read_kernel(&nr, sizeof(nr), regs + TW_REGS_NR_OFF);
+	return nr;
+}
+#endif
+
 // Dump the head of struct sock (and of its struct net) for the loader's calibration
 // sockets, with the tracepoint's view of them, so the loader can find and check the
 // offsets instead of trusting headers.
@@ -247,10 +269,17 @@ static __always_inline void calibrate(struct tw_cfg *cf, u64 sk, int old, int ne
 		idx = 0;
 	else if (old == TS_SYN_RECV && new == TS_ESTABLISHED)
 		idx = 1;
+	else if (old == TS_ESTABLISHED && new == TS_FIN_WAIT1)
+		idx = 1; // the loader's close() of the child: only the syscall is read
 	else
 		return;
 	c = calib.lookup(&idx);
 	if (!c)
+		return;
+#ifdef TW_HAVE_TASK_REGS
+	c->sysnr = current_sysnr();
+#endif
+	if (new == TS_FIN_WAIT1)
 		return;
 	bpf_probe_read_kernel(c->sock, sizeof(c->sock), (void *)sk);
 	bpf_probe_read_kernel(c->inet, sizeof(c->inet), (void *)(sk + TW_CALIB_INET_AT));
@@ -302,8 +331,9 @@ static __always_inline int wanted(struct tw_cfg *cf, struct tw_sock *s, int old,
 	return 1;
 }
 
-// Why did the socket change state? Judged from what happened to it and to the task.
-static __always_inline u8 outcome_of(u8 rst, u64 close_ts, u64 now, u16 sport, u16 dport)
+// Why did the socket leave CLOSE_WAIT? Judged from what happened to it and to the task.
+static __always_inline u8 outcome_of(struct tw_cfg *cf, u8 rst, u64 close_ts, u64 now,
+				     u16 sport, u16 dport)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct tw_task *t;
@@ -327,6 +357,19 @@ static __always_inline u8 outcome_of(u8 rst, u64 close_ts, u64 now, u16 sport, u
 		if (t->what == TASK_CLOSE)
 			return TW_OUT_CLOSE;
 	}
+#ifdef TW_HAVE_TASK_REGS
+	// Without the syscall tracepoints: the syscall this task is in. A CLOSE_WAIT exit
+	// without RST or error runs in process context (tcp_close(), tcp_shutdown(), or
+	// tcp_disconnect()), so that is the closer's own syscall.
+	if (cf->v[TW_CFG_SYSNR]) {
+		s64 nr = current_sysnr();
+
+		if (nr == TW_NR_CLOSE || nr == TW_NR_CLOSE_RANGE)
+			return TW_OUT_CLOSE;
+		if (nr == TW_NR_SHUTDOWN) // SHUT_RD changes no state: it never gets here
+			return TW_OUT_SHUTDOWN;
+	}
+#endif
 	// tcp_close() entry seen by the close hook, in the closing task.
 	if (close_ts && now - close_ts < TASK_WINDOW_NS)
 		return TW_OUT_CLOSE;
@@ -497,7 +540,7 @@ static __always_inline int on_state(void *ctx, u64 sk, int old, int new, u16 fam
 			cw_ns = now - s->cw_ts;
 		else
 			flags |= TW_F_CW_UNKNOWN;
-		outcome = outcome_of(s->rst, s->close_ts, now, sport, dport);
+		outcome = outcome_of(cf, s->rst, s->close_ts, now, sport, dport);
 		// close/shutdown/exit run in the process that holds the socket.
 		if (outcome == TW_OUT_CLOSE || outcome == TW_OUT_SHUTDOWN || outcome == TW_OUT_EXIT) {
 			flags |= TW_F_ACTOR;
@@ -870,7 +913,7 @@ static __always_inline int cw_raw_exit(void *ctx, struct tw_cfg *cf, u64 sk, int
 		s.netns = sock_netns(cf, sk);
 		flags = TW_F_CW_UNKNOWN | TW_F_PREV_UNKNOWN;
 	}
-	outcome = outcome_of(s.rst, 0, now, sport, dport);
+	outcome = outcome_of(cf, s.rst, 0, now, sport, dport);
 	if (outcome == TW_OUT_CLOSE || outcome == TW_OUT_SHUTDOWN || outcome == TW_OUT_EXIT)
 		flags |= TW_F_ACTOR;
 	if (s.owner == TW_F_OWNER)
@@ -897,7 +940,9 @@ static __always_inline int cw_raw_exit(void *ctx, struct tw_cfg *cf, u64 sk, int
 static __always_inline int cw_raw(void *ctx, struct tw_cfg *cf, u64 sk, int old, int new)
 {
 	count(TW_CNT_TRANSITIONS); // top's events/s
-	if (new == TS_CLOSE)
+	// Few sockets have an entry (most hand theirs to `cw`): look before deleting, since a
+	// delete takes the bucket's lock even when there is nothing to delete.
+	if (new == TS_CLOSE && seen_owner.lookup(&sk))
 		seen_owner.delete(&sk);
 	if (old == TS_CLOSE_WAIT)
 		return cw_raw_exit(ctx, cf, sk, new);
@@ -1252,8 +1297,11 @@ static __always_inline void task_doing(u32 what)
 	t->what = what;
 }
 
+// The syscall tracepoints, where the syscall's number cannot be read (see current_sysnr()):
+// not autoloaded, the loader attaches them only then (attached, they slow every syscall on
+// the host; detached, each costs ~70 ms of start-up).
 #ifdef TW_HAVE_SYS_CLOSE
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
+int tw_sys_close(void *ctx)
 {
 	task_doing(TASK_CLOSE);
 	return 0;
@@ -1261,7 +1309,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 #endif
 
 #ifdef TW_HAVE_SYS_CLOSE_RANGE
-TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
+int tw_sys_close_range(void *ctx)
 {
 	task_doing(TASK_CLOSE);
 	return 0;
@@ -1269,10 +1317,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
 #endif
 
 #ifdef TW_HAVE_SYS_SHUTDOWN
-TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
+// `how` at the offset the tracepoint's format gives (TW_SHUTDOWN_HOW_OFF, read by the loader).
+int tw_sys_shutdown(void *ctx)
 {
+	u64 how = 0;
+
+	bpf_probe_read_kernel(&how, sizeof(how), ctx + TW_SHUTDOWN_HOW_OFF);
 	// SHUT_RD (0) sends nothing and changes no state.
-	if (args->how == 1 || args->how == 2)
+	if (how == 1 || how == 2)
 		task_doing(TASK_SHUTDOWN);
 	return 0;
 }

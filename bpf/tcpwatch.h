@@ -86,7 +86,10 @@
                                   detached (see "trace's raw path" in the C) */
 #define TW_CFG_SPORT_OFF 18    /* offset of inet_sk(sk)->inet_sport (network order), found on the
                                   calibration sockets; 0 while unknown (tw_trace needs it) */
-#define TW_CFG_SLOTS 19
+#define TW_CFG_SYSNR 19        /* 1: close/shutdown outcomes from the number of the syscall the task
+                                  is in (its saved registers, TW_HAVE_TASK_REGS), checked on the
+                                  calibration sockets; the syscall tracepoints are detached */
+#define TW_CFG_SLOTS 20
 
 #define TW_CALIB_BYTES 512
 #define TW_CALIB_SOCK 96
@@ -95,7 +98,8 @@
 
 /* `calib` map: what the state program saw of the loader's calibration sockets. Element 0:
  * the listener (its struct net too), element 1: the accepted child, with the tracepoint's
- * own view of its tuple to check struct reads against. */
+ * own view of its tuple to check struct reads against, and the syscall each was in: listen()
+ * for the listener, close() for the child's ESTABLISHED -> FIN_WAIT1. */
 struct tw_calib {
 	__u64 net;
 	__u8 sock[TW_CALIB_SOCK]; /* the head of struct sock */
@@ -106,6 +110,7 @@ struct tw_calib {
 	__u16 sport;
 	__u16 dport;
 	__u16 pad;
+	__s64 sysnr;              /* current_sysnr(); 0 if not read (TW_HAVE_TASK_REGS unset) */
 	__u8 inet[TW_CALIB_INET]; /* struct sock from TW_CALIB_INET_AT: inet_sport is in there */
 };
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcpwatch import ringbuf, schema
+from tcpwatch import ringbuf, schema, sysnr
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # offsetof(struct sock, __sk_common.skc_net) on 64-bit kernels since 4.x; checked at start.
@@ -84,6 +84,22 @@ def tracefs() -> str | None:
 def tracepoint_exists(category: str, name: str) -> bool:
     root = tracefs()
     return bool(root) and os.path.isdir(os.path.join(root, "events", category, name))
+
+
+def tracepoint_field_offset(category: str, name: str, fld: str) -> int | None:
+    """Offset of an 8-byte field in a tracepoint's record, from its format file."""
+    root = tracefs()
+    try:
+        with open(os.path.join(root or "", "events", category, name, "format")) as f:
+            return format_field_offset(f.read(), fld)
+    except OSError:
+        return None
+
+
+def format_field_offset(text: str, fld: str) -> int | None:
+    """Offset of the 8-byte field `fld` in a tracepoint format file's text, or None."""
+    m = re.search(r"field:[^;]*\b" + re.escape(fld) + r";\s*offset:(\d+);\s*size:8;", text)
+    return int(m.group(1)) if m else None
 
 
 def preflight() -> list[str]:
@@ -203,6 +219,9 @@ class KernelSource:
         self._raw_ok = False  # the struct reads it needs passed their checks
         self._sport_off = 0  # offset of inet_sport, found on the calibration sockets
         self._raw_link: int | None = None  # tw_top's or tw_trace's raw tracepoint attachment
+        self._task_regs: list[str] = []  # sysnr.build_flags() of this kernel
+        self._calib_v4: tuple[dict, dict] | None = None
+        self.sysnr_outcome = False  # outcomes from the syscall number, tracepoints detached
 
     # --- start-up ---------------------------------------------------------------
 
@@ -233,9 +252,15 @@ class KernelSource:
         self.optional = {}
         for name, (cat, event) in have.items():
             ok = tracepoint_exists(cat, event)
+            if ok and name == "SYS_SHUTDOWN":
+                how = tracepoint_field_offset(cat, event, "how")
+                ok = how is not None
+                if ok:
+                    flags.append(f"-DTW_SHUTDOWN_HOW_OFF={how}")
             self.optional[f"{cat}:{event}"] = ok
             if ok:
                 flags.append(f"-DTW_HAVE_{name}")
+        flags += self._task_regs
         if self.opts.stacks:
             flags.append("-DTW_STACKS")
         if perf:
@@ -259,6 +284,7 @@ class KernelSource:
             close_hook, close_name = 2, "kprobe:tcp_close"
 
         src = (schema.bpf_dir() / "tcpwatch.bpf.c").read_text()
+        self._task_regs = sysnr.build_flags()
         # The ring buffer needs 5.8; before that, the perf buffer. Tried in that order.
         buffers = [("perf", True)] if os.environ.get("TCPWATCH_PERF_BUFFER") == "1" else [
             ("ring", False), ("perf", True)]
@@ -285,6 +311,7 @@ class KernelSource:
         warnings += self._attach_rescue()
 
         warnings += self._calibrate(state_tp)
+        warnings += self._use_sysnr()
         self._configure()
         self._use_raw()
         if self.perf:
@@ -302,7 +329,8 @@ class KernelSource:
         self._set(schema.layout().consts["TW_CFG_ENABLED"], 1)
 
         owner = [k for k in ("sock:sock_recv_length", "sock:sock_send_length") if self.optional[k]]
-        outcome = [
+        outcome = ["syscall number (pt_regs, checked)"] if self.sysnr_outcome else []
+        outcome += [
             k
             for k in (
                 "syscalls:sys_enter_close",
@@ -312,7 +340,7 @@ class KernelSource:
                 "tcp:tcp_receive_reset",
                 "sock:inet_sk_error_report",
             )
-            if self.optional[k]
+            if self.optional[k] and not (self.sysnr_outcome and k.startswith("syscalls:"))
         ]
         if not owner:
             warnings.append(
@@ -322,7 +350,8 @@ class KernelSource:
         if close_hook == 0:
             warnings.append(
                 "no fentry or kprobe on tcp_close on this kernel: close outcomes come from "
-                "the close/shutdown/exit tracepoints"
+                + ("the syscall number and the exit tracepoint" if self.sysnr_outcome
+                   else "the close/shutdown/exit tracepoints")
             )
         hooks = {
             "state": state_name,
@@ -433,6 +462,7 @@ class KernelSource:
         c = schema.layout().consts
         self._set(c["TW_CFG_NET_OFF"], SKC_NET_OFFSET)
         v4 = self._calib_connection(socket.AF_INET, "127.0.0.1", "127.0.0.2")
+        self._calib_v4 = v4
         warnings = self._check_netns(v4[0] if v4 else None)
         self.rescue_hook = None
         if not self.rescue_loaded:
@@ -471,6 +501,32 @@ class KernelSource:
             self._set(c["TW_CFG_RESCUE"], check.mode)
             self.rescue_hook = "raw_tracepoint:inet_sock_set_state (" + (
                 "IPv4+IPv6" if check.mode == 3 else "IPv4") + ", checked)"
+        return warnings
+
+    def _use_sysnr(self) -> list[str]:
+        """Outcomes from the number of the syscall the closer is in, where the calibration
+        read listen() and close() right; else from the syscall tracepoints, attached only
+        then: attached, they put every task on the host on the slow syscall path (see
+        sysnr.py)."""
+        self.sysnr_outcome = False
+        warnings = []
+        if self._task_regs:
+            problem = sysnr.check(*(self._calib_v4 or (None, None)))
+            if not problem:
+                self._set(schema.layout().consts["TW_CFG_SYSNR"], 1)
+                self.sysnr_outcome = True
+                return []
+            warnings.append(f"the current syscall cannot be read ({problem}): close and "
+                            "shutdown outcomes come from the syscall tracepoints")
+        for name in ("close", "close_range", "shutdown"):
+            tp = f"syscalls:sys_enter_{name}"
+            if not self.optional.get(tp):
+                continue
+            try:
+                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tw_sys_{name}".encode())
+            except Exception as exc:  # bcc raises plain Exception
+                self.optional[tp] = False
+                warnings.append(f"{tp} not attached ({exc}): its outcomes are unknown")
         return warnings
 
     def _count(self, name: str) -> int:

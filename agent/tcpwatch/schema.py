@@ -35,7 +35,9 @@ CLOSE_WAIT = 8
 
 OUTCOMES = {0: None, 1: "closed", 2: "shutdown", 3: "reset", 4: "exit", 5: "error"}
 
-_TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__s32": "i", "char": "s"}
+_TYPES = {
+    "__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__s32": "i", "__s64": "q", "char": "s",
+}  # fmt: skip
 _DEFINE = re.compile(r"^#define\s+(TW_\w+)\s+(-?\d+)\b", re.M)
 _FIELD = re.compile(r"^\s*(\w+)\s+(\w+)(?:\[(\w+)\])?\s*;", re.M)
 
