@@ -11,6 +11,8 @@ import importlib.machinery
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,15 @@ def test_foreign_cpu_counts_other_processes_only():
     ticks = 107
     expected = ticks / bench.os.sysconf("SC_CLK_TCK")
     assert bench.foreign_cpu_s(before, after, {10, 77}) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", ["trace-o", "ndjson", "table"])
+def test_bench_agent_runs(mode):
+    """scripts/bench_agent (no root) still drives the trace loop as the agent does: it once
+    broke unseen when the ring scanner gained an argument."""
+    script = BENCH.parent / "bench_agent"
+    res = subprocess.run([sys.executable, str(script), "--mode", mode, "--connections", "300",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    reads = [line.split()[0] for line in res.stdout.splitlines() if "CPU us/event" in line]
+    assert "python" in reads and "list" in reads, res.stdout
