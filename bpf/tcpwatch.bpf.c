@@ -360,7 +360,9 @@ static __always_inline u8 outcome_of(struct tw_cfg *cf, u8 rst, u64 close_ts, u6
 #ifdef TW_HAVE_TASK_REGS
 	// Without the syscall tracepoints: the syscall this task is in. A CLOSE_WAIT exit
 	// without RST or error runs in process context (tcp_close(), tcp_shutdown(), or
-	// tcp_disconnect()), so that is the closer's own syscall.
+	// tcp_disconnect()), so that is the closer's own syscall. (A 32-bit task numbers its
+	// syscalls otherwise: its 3 is read() and 48 signal(), neither of which ends a
+	// CLOSE_WAIT; the syscall tracepoints never saw its close() either.)
 	if (cf->v[TW_CFG_SYSNR]) {
 		s64 nr = current_sysnr();
 
