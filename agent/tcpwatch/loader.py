@@ -244,6 +244,7 @@ class KernelSource:
             f"-DTW_MAX_SOCKS={int(self.opts.max_socks)}",
             f"-DTW_RB_PAGES={int(self.opts.ring_pages)}",
             f"-DTW_RAW_SOCK_HOOKS={int(raw)}",
+            f"-DTW_SKC_PROT_AT={SKC_PROT_OFFSET}",
             # The rescue program is a raw tracepoint on the same event (4.17+); with the perf
             # buffer it would share the per-CPU scratch event with the program it interrupts.
             f"-DTW_RESCUE={int(self.rescue_built)}",
