@@ -89,8 +89,10 @@ def tracepoint_exists(category: str, name: str) -> bool:
 def tracepoint_field_offset(category: str, name: str, fld: str) -> int | None:
     """Offset of an 8-byte field in a tracepoint's record, from its format file."""
     root = tracefs()
+    if root is None:
+        return None
     try:
-        with open(os.path.join(root or "", "events", category, name, "format")) as f:
+        with open(os.path.join(root, "events", category, name, "format")) as f:
             return format_field_offset(f.read(), fld)
     except OSError:
         return None
@@ -341,7 +343,7 @@ class KernelSource:
                 "tcp:tcp_receive_reset",
                 "sock:inet_sk_error_report",
             )
-            if self.optional[k] and not (self.sysnr_outcome and k.startswith("syscalls:"))
+            if self.optional[k]
         ]
         if not owner:
             warnings.append(
@@ -516,12 +518,16 @@ class KernelSource:
             if not problem:
                 self._set(schema.layout().consts["TW_CFG_SYSNR"], 1)
                 self.sysnr_outcome = True
-                return []
-            warnings.append(f"the current syscall cannot be read ({problem}): close and "
-                            "shutdown outcomes come from the syscall tracepoints")
+            else:
+                warnings.append(f"the current syscall cannot be read ({problem}): close and "
+                                "shutdown outcomes come from the syscall tracepoints")
+        # From here on `optional` says what is attached, as for the other hooks.
         for name in ("close", "close_range", "shutdown"):
             tp = f"syscalls:sys_enter_{name}"
             if not self.optional.get(tp):
+                continue
+            if self.sysnr_outcome:
+                self.optional[tp] = False
                 continue
             try:
                 self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tw_sys_{name}".encode())
