@@ -719,10 +719,11 @@ struct tw_skc_head {
 	u16 family;
 };
 
-// The head of struct sock_common up to and including skc_prot, in one read: where the loader
-// set skc_prot's offset to TW_SKC_PROT_AT (its SKC_PROT_OFFSET, checked on the calibration
-// sockets), a raw state program reads each socket once per firing instead of twice (the
-// protocol, then the tuple); each probe read costs ~30 ns.
+// The head of struct sock_common up to and including skc_prot, in one read: a raw state
+// program reads each socket once per firing instead of twice (the protocol, then the tuple);
+// each probe read costs ~30 ns. TW_SKC_PROT_AT is the loader's SKC_PROT_OFFSET, the offset it
+// checks on the calibration sockets and sets in TW_CFG_PROT_OFF with their protocols; until
+// then TW_CFG_TCP_PROT and TW_CFG_TCPV6_PROT are 0 and no socket passes for TCP here.
 #ifndef TW_SKC_PROT_AT
 #define TW_SKC_PROT_AT 40
 #endif
@@ -738,19 +739,12 @@ static __always_inline int skc_tuple(struct tw_cfg *cf, u64 sk, struct tw_skc_he
 				     u8 *saddr, u8 *daddr)
 {
 	u64 mode = cf->v[TW_CFG_RESCUE];
+	struct tw_skc_wide w;
 
-	if (cf->v[TW_CFG_PROT_OFF] == TW_SKC_PROT_AT) {
-		struct tw_skc_wide w;
-
-		if (bpf_probe_read_kernel(&w, sizeof(w), (void *)sk) ||
-		    !w.prot || (w.prot != cf->v[TW_CFG_TCP_PROT] && w.prot != cf->v[TW_CFG_TCPV6_PROT]))
-			return 0;
-		__builtin_memcpy(h, &w.h, sizeof(*h));
-	} else {
-		if (!is_tcp(cf, sk))
-			return 0;
-		bpf_probe_read_kernel(h, sizeof(*h), (void *)sk);
-	}
+	if (bpf_probe_read_kernel(&w, sizeof(w), (void *)sk) || !w.prot ||
+	    (w.prot != cf->v[TW_CFG_TCP_PROT] && w.prot != cf->v[TW_CFG_TCPV6_PROT]))
+		return 0;
+	__builtin_memcpy(h, &w.h, sizeof(*h));
 	// On the way to CLOSE, inet_put_port() zeroes skc_num of a socket bound without an
 	// explicit port; inet_sport (what the tracepoint shows) stays: read it where the loader
 	// found it.
