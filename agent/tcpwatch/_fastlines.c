@@ -1051,8 +1051,9 @@ fail:
 
 /* The records of a BPF ring buffer's data area that start between byte offsets start and
  * stop (default: end) of buf and end by `end` (laid out as ringbuf.walk() reads it: 8-byte
- * headers, records rounded up to 8 bytes; stops at a record still being written). Headers are read with acquire loads: the
- * kernel clears BUSY with a release store after writing the record. */
+ * headers, records rounded up to 8 bytes; stops at a record still being written). Headers
+ * are read with acquire loads: the kernel clears BUSY with a release store after writing
+ * the record. */
 static PyObject *scan_ring(Formatter *f, PyObject *args)
 {
 	PyObject *obj, *by_sk;
