@@ -263,3 +263,19 @@ def test_bench_agent_runs(mode):
     assert res.returncode == 0, res.stderr
     reads = [line.split()[0] for line in res.stdout.splitlines() if "CPU us/event" in line]
     assert "python" in reads and "list" in reads, res.stdout
+
+
+def test_every_mode_has_a_command_and_floors_attach_their_count(tmp_path):
+    import argparse
+
+    b = bench.Bench.__new__(bench.Bench)
+    b.args = argparse.Namespace(port=PORT, seconds=5.0, top_margin=3.0, loss_pages=1)
+    b.tcpwatch, b.tcpstates = ["tcpwatch"], "tcpstates-bpfcc"
+    assert set(bench.DEFAULT_MODES) <= set(bench.ALL_MODES)
+    for mode in bench.ALL_MODES:
+        spec = b.tracer_argv(mode, tmp_path / "out")
+        assert (spec is None) == (mode == "baseline"), mode
+    for mode, n in bench.FLOOR_MODES.items():
+        argv, out, env = b.tracer_argv(mode, tmp_path / "out")
+        assert argv[1].endswith("scripts/bpf_floor") and argv[-2:] == ["--programs", str(n)]
+        assert out == tmp_path / "out" and env is None

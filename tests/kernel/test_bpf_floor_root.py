@@ -1,0 +1,100 @@
+"""scripts/bpf_floor, the empty programs behind scripts/bench's floor modes: they must really be
+attached to the state tracepoint and run for every transition, or the floor measures nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+pytestmark = pytest.mark.kernel
+
+
+def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
+    """prog_id -> (run_cnt, recursion_misses) of the BPF programs the process holds."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                continue
+            info = dict(line.split(":\t", 1) for line in
+                        Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines() if ":\t" in line)
+            out[int(info["prog_id"])] = (int(info["run_cnt"]), int(info["recursion_misses"]))
+    return out
+
+
+def prog_exists(prog_id: int) -> bool:
+    """BPF_PROG_GET_FD_BY_ID (x86-64's bpf() is 321): does the kernel still have the program?"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("<I", prog_id), 128)
+    fd = libc.syscall(ctypes.c_long(321), ctypes.c_long(13), attr, ctypes.c_long(128))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())
+    return False
+
+
+def churn(n: int) -> None:
+    """n loopback connections, the client closing first: ten transitions each."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        for _ in range(n):
+            c = socket.create_connection(srv.getsockname())
+            s, _ = srv.accept()
+            c.close()
+            s.recv(1)  # the FIN: s is in CLOSE_WAIT
+            s.close()
+
+
+@pytest.fixture
+def bpf_stats():
+    old = STATS.read_text().strip()
+    STATS.write_text("1")
+    yield
+    STATS.write_text(old)
+
+
+def test_floor_programs_run_on_every_transition(bpf_stats) -> None:
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
+                             "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready 2", proc.stderr.read()
+        before = prog_stats(proc.pid)
+        assert len(before) == 2
+        churn(20)
+        time.sleep(0.3)  # the last transitions (LAST_ACK -> CLOSE) come with the final ACK
+        after = prog_stats(proc.pid)
+        runs = {p: after[p][0] - before[p][0] for p in before}
+        misses = {p: after[p][1] - before[p][1] for p in before}
+        # 20 connections: 200 transitions of ours, plus the listener's and any other socket's.
+        for p, n in runs.items():
+            assert n + misses[p] >= 200, (runs, misses)
+        # Both see the same firings: the floor is two programs per transition.
+        a, b = runs.values()
+        assert abs(a - b) <= sum(misses.values()), (runs, misses)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    # Detached and freed with the process (after an RCU grace period or so).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(prog_exists(p) for p in before):
+        time.sleep(0.1)
+    assert not any(prog_exists(p) for p in before)
+
+def test_floor_refuses_a_bad_count() -> None:
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
+                          "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
