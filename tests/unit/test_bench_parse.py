@@ -222,6 +222,9 @@ def test_summarize_medians_ratios_and_exactness():
     assert base["rate"] == 32000.0 and base["ratio"] == 1.0
     assert trace["rate"] == pytest.approx(29600.0)
     assert trace["ratio"] == pytest.approx(29600.0 / 32000.0)
+    # Paired with each round's own baseline: 30400/30000 and 28800/34000.
+    assert trace["round_ratios"] == pytest.approx([30400 / 30000, 28800 / 34000])
+    assert trace["round_ratio"] == pytest.approx((30400 / 30000 + 28800 / 34000) / 2)
     assert (trace["expected"], trace["seen"], trace["exact"]) == (588004, 588002, False)
     assert (trace["lost"], trace["kernel_lost"], trace["missed"]) == (2, 3, 1)
     assert trace["cpu_per_m"] == pytest.approx((1.5 / 330002 + 1.6 / 316800) / 2 * 1e6)
@@ -238,6 +241,7 @@ def test_format_table_marks_mismatch_and_na():
     assert lines[2].split() == ["top", "n/a", "(top", "not", "available)"]
     trace = lines[3]
     assert "92.5%" in trace and "588004/588002 MISMATCH" in trace
+    assert "93.0 (85-101)" in trace
     assert "2 (kernel 3)" in trace
     assert "0.65 (1.20)" in trace
 
