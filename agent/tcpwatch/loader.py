@@ -363,11 +363,12 @@ class KernelSource:
             "owner": ",".join(owner) or None,
             "outcome": ",".join(outcome) or None,
             "netns": self.netns_hook,
-            "rescue": None if self.cw_raw else self.rescue_hook,
+            "rescue": self.rescue_hook if not self.cw_raw or not self.rescue_loaded else None,
         }
         if self.cw_raw:
             hooks["state"] = ("raw_tracepoint:inet_sock_set_state (CLOSE_WAIT only, struct "
-                              "reads checked, skips rescued)")
+                              "reads checked" + (", skips rescued)" if self.rescue_loaded
+                                                 else ")"))
         elif self.raw_state:
             hooks["state"] = ("raw_tracepoint:inet_sock_set_state (struct reads checked, "
                               f"inet_sport at +{self._sport_off})")
@@ -421,7 +422,13 @@ class KernelSource:
             return
         self.bpf.detach_raw_tracepoint(tp)
         fd = lib.bpf_attach_raw_tracepoint(raw.fd, tp)
-        self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"tw_rescue")
+        # TCPWATCH_RESCUE=0 (scripts/bench's *-norescue, for comparison only): one program on
+        # the tracepoint instead of two; the skips it leaves are counted as missed.
+        if os.environ.get("TCPWATCH_RESCUE") == "0" and fd >= 0:
+            self.rescue_loaded = False
+            self.rescue_hook = "off (TCPWATCH_RESCUE=0): skipped transitions are missed"
+        else:
+            self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"tw_rescue")
         if fd < 0:
             return
         self._raw_link, self._raw_fd = fd, raw.fd

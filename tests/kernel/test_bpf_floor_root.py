@@ -1,5 +1,6 @@
-"""scripts/bpf_floor, the empty programs behind scripts/bench's floor modes: they must really be
-attached to the state tracepoint and run for every transition, or the floor measures nothing."""
+"""What scripts/bench's floor and norescue modes rest on. scripts/bpf_floor's empty programs must
+really be attached to the state tracepoint and run for every transition, or the floor measures
+nothing; TCPWATCH_RESCUE=0 must leave tcpwatch one program there instead of two."""
 
 from __future__ import annotations
 
@@ -98,3 +99,37 @@ def test_floor_refuses_a_bad_count() -> None:
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
                           "0"], capture_output=True, text=True)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def state_links(pid: int) -> int:
+    """The process's BPF links on the state tracepoint."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf_link":
+                n += "tp_name:\tinet_sock_set_state" in Path(
+                    f"/proc/{pid}/fdinfo/{fd}").read_text()
+    return n
+
+
+@pytest.mark.parametrize("rescue", ["1", "0"])
+def test_norescue_leaves_one_program_on_the_state_tracepoint(monkeypatch, rescue):
+    """scripts/bench's top-norescue compares top against itself with one program on the
+    tracepoint instead of two (TCPWATCH_RESCUE=0): that must be what it gets, and said."""
+    from conftest import Tracer
+
+    monkeypatch.setenv("TCPWATCH_RESCUE", rescue)
+    monkeypatch.delenv("TCPWATCH_PERF_BUFFER", raising=False)  # no rescue with the perf buffer
+    tr = Tracer(["--duration", "60"])
+    try:
+        start = tr.wait_for(lambda r: r.get("event") == "start", 20, "start record")
+        hooks = start["hooks"]
+        assert hooks["state"].startswith("raw_tracepoint:inet_sock_set_state"), hooks
+        if rescue == "0":
+            assert state_links(tr.proc.pid) == 1
+            assert hooks["rescue"].startswith("off (TCPWATCH_RESCUE=0)"), hooks
+        else:
+            assert state_links(tr.proc.pid) == 2
+            assert hooks["rescue"].startswith("raw_tracepoint:inet_sock_set_state"), hooks
+    finally:
+        tr.kill()
