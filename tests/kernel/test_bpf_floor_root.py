@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import platform
 import signal
 import socket
 import struct
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tcpwatch import sysnr
 
 REPO = Path(__file__).resolve().parents[2]
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -38,10 +41,11 @@ def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def prog_exists(prog_id: int) -> bool:
-    """BPF_PROG_GET_FD_BY_ID (x86-64's bpf() is 321): does the kernel still have the program?"""
+    """BPF_PROG_GET_FD_BY_ID: does the kernel still have the program?"""
     libc = ctypes.CDLL(None, use_errno=True)
     attr = ctypes.create_string_buffer(struct.pack("<I", prog_id), 128)
-    fd = libc.syscall(ctypes.c_long(321), ctypes.c_long(13), attr, ctypes.c_long(128))
+    nr = sysnr.NUMBERS[platform.machine()]["bpf"]
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(13), attr, ctypes.c_long(128))
     if fd >= 0:
         os.close(fd)
         return True
