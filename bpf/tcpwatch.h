@@ -56,7 +56,9 @@
                                 loader's start-up check of the programs' order reads it */
 #define TW_CNT_EXIT_AGG 11   /* CLOSE_WAIT exits counted in the `exits` map instead of sent */
 #define TW_CNT_EXIT_FULL 12  /* exits sent one by one because the `exits` map was full */
-#define TW_CNT_SLOTS 13
+#define TW_CNT_STALE_RAN 13  /* of RESCUED: firings whose skip a record left behind in `ran` hid
+                                (the socket map still showed the old state) */
+#define TW_CNT_SLOTS 14
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
 #define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */

@@ -673,7 +673,8 @@ class KernelSource:
         `buffer_peak_pct` (ring buffer read in place only): the most of it ever in use."""
         out = {}
         for name in ("EVENTS", "LOST", "SOCK_MISS", "SOCK_FULL", "FILTERED", "TRANSITIONS",
-                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "EXIT_AGG", "EXIT_FULL"):
+                     "CW_FULL", "SOCK_INSERT", "SOCK_DELETE", "EXIT_AGG", "EXIT_FULL",
+                     "STALE_RAN"):
             out[name.lower()] = self._count(name)
         # An LRU map evicts silently; entries neither deleted nor still there were evicted.
         # At most max_socks are there, so this many at least were evicted.

@@ -11,14 +11,17 @@ Skips need a saturating churn: a timer interrupt must land while one of our prog
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import socket
+import struct
 import time
 from pathlib import Path
 
 import pytest
 from scenarios import PER_CONNECTION, churn_in
 
-from tcpwatch import loader, schema
+from tcpwatch import loader, schema, sysnr
 
 pytestmark = pytest.mark.kernel
 
@@ -158,5 +161,106 @@ def test_a_rescue_program_running_first_is_detached():
         time.sleep(0.2)
         counts = src.counters()
         assert counts["rescued"] == 0 and counts["missed"] == 0, counts
+    finally:
+        src.close()
+
+
+# struct tw_ran in bpf/tcpwatch.bpf.c (TW_RAN_SETS 16 sets of 2 ways; a way: u64 sk, u32 seq,
+# u16 st, u16 pad; then u32 seq, padded to 8).
+RAN_WAY = "<QIHH"
+RAN_SIZE = 16 * 2 * 16 + 8
+
+
+def _bpf(cmd: int, attr: bytes) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(attr, 128)
+    ret = libc.syscall(ctypes.c_long(sysnr.NUMBERS[platform.machine()]["bpf"]),
+                       ctypes.c_long(cmd), buf, ctypes.c_long(128))
+    assert ret >= 0, os.strerror(ctypes.get_errno())
+    return ret
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return int(text.rsplit("-", 1)[-1]) + 1
+
+
+def plant_record(src, cpu: int, sk: int, old: int, new: int, age: int) -> None:
+    """Put a record of (sk, old -> new) `age` pushes old into `ran` on `cpu`, as the state
+    program would have left it (age 0: the last push)."""
+    fd, key = src.bpf["ran"].map_fd, ctypes.c_int(0)
+    n = _possible_cpus()
+    vals = ctypes.create_string_buffer(RAN_SIZE * n)
+    _bpf(1, struct.pack("<IIQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(vals)))  # lookup
+    raw = bytearray(vals.raw)
+    base = cpu * RAN_SIZE
+    seq = struct.unpack_from("<I", raw, base + 16 * 2 * 16)[0]
+    st = old << 8 | new
+    way = base + (((sk >> 6) ^ (sk >> 11) ^ st) & 15) * 32
+    struct.pack_into(RAN_WAY, raw, way, sk, (seq - age) & 0xFFFFFFFF, st, 0)
+    struct.pack_into(RAN_WAY, raw, way + 16, 0, 0, 0, 0)
+    vals = ctypes.create_string_buffer(bytes(raw), len(raw))
+    _bpf(2, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(vals), 0))
+
+
+def run_rescue(src, cpu: int, sk: int, old: int, new: int) -> None:
+    """BPF_PROG_TEST_RUN of tw_rescue for a firing (sk, old, new) on `cpu`: the rescue
+    program as it runs after a state program that was skipped, or not."""
+    args = (ctypes.c_uint64 * 3)(sk, old, new)
+    attr = struct.pack("<IIIIQQIIIIQQII", src.bpf.funcs[b"tw_rescue"].fd, 0, 0, 0, 0, 0, 0, 0,
+                       ctypes.sizeof(args), 0, ctypes.addressof(args), 0, 1, cpu)  # ON_CPU
+    _bpf(10, attr)
+
+
+def test_a_record_left_behind_does_not_hide_a_skip():
+    """A record in `ran` older than the last push is either the state program's own (firings
+    nested between the two programs pushed theirs after it) or one left behind when the rescue
+    program was itself skipped, matching this socket and transition by chance. trace's socket
+    map tells: a socket still in the old state was skipped, and is rescued (STALE_RAN)."""
+    est, cw, last_ack = (schema.STATE_NUMBERS[n] for n in ("ESTABLISHED", "CLOSE_WAIT",
+                                                            "LAST_ACK"))
+    src = loader.KernelSource(loader.Options(raw_path=True))
+    try:
+        opened = src.open()
+        assert src.raw_state, (opened.hooks, opened.warnings)
+        with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(
+                lsock.getsockname()) as c:
+            s, _ = lsock.accept()
+            with s:
+                port = lsock.getsockname()[1]
+                sk = None
+                deadline = time.monotonic() + 5
+                while sk is None and time.monotonic() < deadline:
+                    for ev in map(schema.decode, src.poll(0.1)):
+                        if (ev["kind"] == STATE and ev["lport"] == port and ev["new"] == est):
+                            sk = ev["sk"]
+                assert sk, "no SYN_RECV -> ESTABLISHED of the server socket"
+
+                def rescued(old: int, new: int, age: int | None) -> list:
+                    before = src.counters()
+                    if age is not None:
+                        plant_record(src, 0, sk, old, new, age)
+                    run_rescue(src, 0, sk, old, new)
+                    got = [ev for ev in map(schema.decode, src.poll(0.2))
+                           if ev["sk"] == sk and ev["flags"] & RESCUED]
+                    after = src.counters()
+                    return [got, after["rescued"] - before["rescued"],
+                            after["stale_ran"] - before["stale_ran"]]
+
+                # The socket map has it in ESTABLISHED. A firing ESTABLISHED -> CLOSE_WAIT
+                # with its own record as the last push: the state program ran.
+                assert rescued(est, cw, 0) == [[], 0, 0]
+                # The same record, 3 pushes old, the socket still in ESTABLISHED: a record
+                # left behind hid a skip. Rescued (the map now says CLOSE_WAIT).
+                got, n, stale = rescued(est, cw, 3)
+                assert (n, stale) == (1, 1), (got, n, stale)
+                assert [(e["old"], e["new"]) for e in got] == [(est, cw)], got
+                # Again 3 pushes old, but the socket has moved on to the new state: the state
+                # program ran (nested firings pushed after it). Not handled twice.
+                assert rescued(est, cw, 3) == [[], 0, 0]
+                # No record at all and still in the old state: a plain skip, rescued as ever.
+                got, n, stale = rescued(cw, last_ack, None)
+                assert (n, stale, len(got)) == (1, 0, 1), (got, n, stale)
+            c.close()
     finally:
         src.close()

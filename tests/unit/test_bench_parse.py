@@ -166,7 +166,7 @@ def test_counters_from_bpftool_dump_formatted_and_raw():
     ]
     assert bench.counters_from_dump(formatted) == {
         "events": 44, "lost": 5, "sock_miss": 0, "sock_full": 0, "filtered": 0,
-        "transitions": 0, "exit_agg": 0}
+        "transitions": 0, "rescued": 0, "exit_agg": 0, "stale_ran": 0}
     assert bench.counters_from_dump(raw)["lost"] == 259
 
 
