@@ -614,8 +614,8 @@ done:
 // is taken for one left behind. A firing's own record is at most a softirq run of nested
 // firings old (their pushes come in between), far fewer. The rescue program is also skipped
 // in the kernel's own instructions just before and after it (empty programs are skipped there
-// too: scripts/bench's floor modes), out of reach of the drop; so for trace, a record that
-// is not the last push is checked against the socket map (see rescue()).
+// too: scripts/bench's floor modes), out of reach of the drop; so a record that is not the
+// last push is checked against trace's socket map or top's `cw` map (see rescue()).
 #define TW_RAN_SETS 16 // a power of two
 #define TW_RAN_RECENT 4096
 struct tw_ran_way {
@@ -1035,6 +1035,24 @@ int tw_trace(struct bpf_raw_tracepoint_args *ctx)
 	return on_state(ctx, sk, old, new, h.family, h.num, ntohs(h.dport), saddr, daddr, 0);
 }
 
+// top: 1 if a record of tw_top's in `ran` that is not the last push is one left behind and
+// tw_top did not run for this firing, by what tw_top would have done to the `cw` map: an exit
+// deletes the socket's entry; an entry, once tracing is on, makes one for a TCP socket on a
+// wanted port (unless the map is full). 0 where that cannot tell: take the record.
+static __always_inline int top_ran_stale(struct tw_cfg *cf, u64 sk, int old, int new)
+{
+	struct tw_skc_head h = {};
+	u8 saddr[16], daddr[16];
+
+	if (!cf->v[TW_CFG_ENABLED] || old == new)
+		return 0;
+	if (old == TS_CLOSE_WAIT)
+		return cw.lookup(&sk) != 0;
+	if (new != TS_CLOSE_WAIT || cw.lookup(&sk))
+		return 0;
+	return skc_tuple(cf, sk, &h, saddr, daddr) && port_wanted(cf, h.num, ntohs(h.dport));
+}
+
 // The rescue program, for the classic state program, tw_top or tw_trace. Attached by the loader
 // after that one (not by bcc's autoload, whose order is not the source's).
 static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw_ran *r)
@@ -1058,9 +1076,15 @@ static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw
 	// program was skipped for an earlier socket at this address making the same transition
 	// (it is skipped in the kernel's own instructions around it too, where ran_drop_after()
 	// cannot see), and the state program was skipped now. trace's socket map tells them
-	// apart below; top keeps no state to tell by, so it takes the record.
-	if (age > 0 && (cf->v[TW_CFG_CW_RAW] || cf->v[TW_CFG_CW_MAP]))
+	// apart below; top's `cw` map for the transitions top keeps (top_ran_stale()); the
+	// classic program with the `cw` map keeps no state to tell by, and takes the record.
+	if (age > 0 && cf->v[TW_CFG_CW_MAP] && !cf->v[TW_CFG_CW_RAW])
 		return 0;
+	if (age > 0 && cf->v[TW_CFG_CW_RAW]) {
+		if (!top_ran_stale(cf, sk, old, new))
+			return 0;
+		count(TW_CNT_STALE_RAN);
+	}
 	if (cf->v[TW_CFG_CW_RAW]) {
 		// An exit of a socket with no `cw` entry: tw_top handled it already (two nested
 		// firings pushed its record out of `ran`), or the socket entered CLOSE_WAIT before

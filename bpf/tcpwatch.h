@@ -57,7 +57,8 @@
 #define TW_CNT_EXIT_AGG 11   /* CLOSE_WAIT exits counted in the `exits` map instead of sent */
 #define TW_CNT_EXIT_FULL 12  /* exits sent one by one because the `exits` map was full */
 #define TW_CNT_STALE_RAN 13  /* of RESCUED: firings whose skip a record left behind in `ran` hid
-                                (the socket map still showed the old state) */
+                                (trace: the socket map still showed the old state; top: the
+                                `cw` map showed what tw_top would have changed unchanged) */
 #define TW_CNT_SLOTS 14
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */

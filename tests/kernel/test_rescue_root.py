@@ -264,3 +264,50 @@ def test_a_record_left_behind_does_not_hide_a_skip():
             c.close()
     finally:
         src.close()
+
+
+def test_top_tells_a_left_behind_record_by_its_cw_map():
+    """top's raw path: a record that is not the last push is checked against what tw_top would
+    have done to the `cw` map (an exit deletes the socket's entry, an entry makes one)."""
+    est, cw, last_ack = (schema.STATE_NUMBERS[n] for n in ("ESTABLISHED", "CLOSE_WAIT",
+                                                            "LAST_ACK"))
+    src = loader.KernelSource(loader.Options(states=(schema.CLOSE_WAIT,), cw_map=True))
+    try:
+        opened = src.open()
+        assert src.cw_raw, (opened.hooks, opened.warnings)
+        with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(
+                lsock.getsockname()) as c:
+            s, _ = lsock.accept()
+            with s:
+                port = lsock.getsockname()[1]
+                c.close()  # s enters CLOSE_WAIT: tw_top makes its `cw` entry
+                deadline, sk = time.monotonic() + 5, None
+                while sk is None and time.monotonic() < deadline:
+                    sk = next((k for k, v in src.read_cw() if port in v), None)
+                    time.sleep(0.05)
+                assert sk, "no cw entry for the server socket"
+
+                def in_cw() -> bool:
+                    return any(k == sk for k, _ in src.read_cw())
+
+                def step(old: int, new: int, age: int) -> tuple[int, int]:
+                    before = src.counters()
+                    plant_record(src, 0, sk, old, new, age)
+                    run_rescue(src, 0, sk, old, new)
+                    after = src.counters()
+                    return (after["rescued"] - before["rescued"],
+                            after["stale_ran"] - before["stale_ran"])
+
+                # An exit whose record is the last push: tw_top ran; the entry stays as is.
+                assert step(cw, last_ack, 0) == (0, 0) and in_cw()
+                # 3 pushes old and the entry still there: tw_top would have deleted it, so it
+                # was skipped. Rescued: the exit is handled, the entry goes.
+                assert step(cw, last_ack, 3) == (1, 1) and not in_cw()
+                # Again, entry gone: tw_top ran. Taken.
+                assert step(cw, last_ack, 3) == (0, 0)
+                # An entry into CLOSE_WAIT 3 pushes old with no `cw` entry: skipped, rescued,
+                # the entry made. Then again with the entry there: tw_top ran.
+                assert step(est, cw, 3) == (1, 1) and in_cw()
+                assert step(est, cw, 3) == (0, 0) and in_cw()
+    finally:
+        src.close()
