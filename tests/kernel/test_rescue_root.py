@@ -10,6 +10,7 @@ Skips need a saturating churn: a timer interrupt must land while one of our prog
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -212,102 +213,98 @@ def run_rescue(src, cpu: int, sk: int, old: int, new: int) -> None:
     _bpf(10, attr)
 
 
+EST, CW, LAST_ACK = (schema.STATE_NUMBERS[n] for n in ("ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"))
+
+
+@contextlib.contextmanager
+def source_and_connection(opts: loader.Options, path: str):
+    """A KernelSource whose state tracepoint went to `path` ("raw_state": tw_trace, "cw_raw":
+    tw_top), and a loopback connection: (src, client, server socket, listening port)."""
+    src = loader.KernelSource(opts)
+    try:
+        opened = src.open()
+        assert getattr(src, path), (opened.hooks, opened.warnings)
+        with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(
+                lsock.getsockname()) as c:
+            s, _ = lsock.accept()
+            with s:
+                yield src, c, s, lsock.getsockname()[1]
+    finally:
+        src.close()
+
+
 def test_a_record_left_behind_does_not_hide_a_skip():
     """A record in `ran` older than the last push is either the state program's own (firings
     nested between the two programs pushed theirs after it) or one left behind when the rescue
     program was itself skipped, matching this socket and transition by chance. trace's socket
     map tells: a socket still in the old state was skipped, and is rescued (STALE_RAN)."""
-    est, cw, last_ack = (schema.STATE_NUMBERS[n] for n in ("ESTABLISHED", "CLOSE_WAIT",
-                                                            "LAST_ACK"))
-    src = loader.KernelSource(loader.Options(raw_path=True))
-    try:
-        opened = src.open()
-        assert src.raw_state, (opened.hooks, opened.warnings)
-        with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(
-                lsock.getsockname()) as c:
-            s, _ = lsock.accept()
-            with s:
-                port = lsock.getsockname()[1]
-                sk = None
-                deadline = time.monotonic() + 5
-                while sk is None and time.monotonic() < deadline:
-                    for ev in map(schema.decode, src.poll(0.1)):
-                        if (ev["kind"] == STATE and ev["lport"] == port and ev["new"] == est):
-                            sk = ev["sk"]
-                assert sk, "no SYN_RECV -> ESTABLISHED of the server socket"
+    with source_and_connection(loader.Options(raw_path=True), "raw_state") as (src, _, _, port):
+        sk = None
+        deadline = time.monotonic() + 5
+        while sk is None and time.monotonic() < deadline:
+            for ev in map(schema.decode, src.poll(0.1)):
+                if ev["kind"] == STATE and ev["lport"] == port and ev["new"] == EST:
+                    sk = ev["sk"]
+        assert sk, "no SYN_RECV -> ESTABLISHED of the server socket"
 
-                def rescued(old: int, new: int, age: int | None) -> list:
-                    before = src.counters()
-                    if age is not None:
-                        plant_record(src, 0, sk, old, new, age)
-                    run_rescue(src, 0, sk, old, new)
-                    got = [ev for ev in map(schema.decode, src.poll(0.2))
-                           if ev["sk"] == sk and ev["flags"] & RESCUED]
-                    after = src.counters()
-                    return [got, after["rescued"] - before["rescued"],
-                            after["stale_ran"] - before["stale_ran"]]
+        def rescued(old: int, new: int, age: int | None) -> list:
+            before = src.counters()
+            if age is not None:
+                plant_record(src, 0, sk, old, new, age)
+            run_rescue(src, 0, sk, old, new)
+            got = [ev for ev in map(schema.decode, src.poll(0.2))
+                   if ev["sk"] == sk and ev["flags"] & RESCUED]
+            after = src.counters()
+            return [got, after["rescued"] - before["rescued"],
+                    after["stale_ran"] - before["stale_ran"]]
 
-                # The socket map has it in ESTABLISHED. A firing ESTABLISHED -> CLOSE_WAIT
-                # with its own record as the last push: the state program ran.
-                assert rescued(est, cw, 0) == [[], 0, 0]
-                # The same record, 3 pushes old, the socket still in ESTABLISHED: a record
-                # left behind hid a skip. Rescued (the map now says CLOSE_WAIT).
-                got, n, stale = rescued(est, cw, 3)
-                assert (n, stale) == (1, 1), (got, n, stale)
-                assert [(e["old"], e["new"]) for e in got] == [(est, cw)], got
-                # Again 3 pushes old, but the socket has moved on to the new state: the state
-                # program ran (nested firings pushed after it). Not handled twice.
-                assert rescued(est, cw, 3) == [[], 0, 0]
-                # No record at all and still in the old state: a plain skip, rescued as ever.
-                got, n, stale = rescued(cw, last_ack, None)
-                assert (n, stale, len(got)) == (1, 0, 1), (got, n, stale)
-            c.close()
-    finally:
-        src.close()
+        # The socket map has it in ESTABLISHED. A firing ESTABLISHED -> CLOSE_WAIT with its
+        # own record as the last push: the state program ran.
+        assert rescued(EST, CW, 0) == [[], 0, 0]
+        # The same record, 3 pushes old, the socket still in ESTABLISHED: a record left
+        # behind hid a skip. Rescued (the map now says CLOSE_WAIT).
+        got, n, stale = rescued(EST, CW, 3)
+        assert (n, stale) == (1, 1), (got, n, stale)
+        assert [(e["old"], e["new"]) for e in got] == [(EST, CW)], got
+        # Again 3 pushes old, but the socket has moved on to the new state: the state program
+        # ran (nested firings pushed after it). Not handled twice.
+        assert rescued(EST, CW, 3) == [[], 0, 0]
+        # No record at all and still in the old state: a plain skip, rescued as ever.
+        got, n, stale = rescued(CW, LAST_ACK, None)
+        assert (n, stale, len(got)) == (1, 0, 1), (got, n, stale)
 
 
 def test_top_tells_a_left_behind_record_by_its_cw_map():
     """top's raw path: a record that is not the last push is checked against what tw_top would
     have done to the `cw` map (an exit deletes the socket's entry, an entry makes one)."""
-    est, cw, last_ack = (schema.STATE_NUMBERS[n] for n in ("ESTABLISHED", "CLOSE_WAIT",
-                                                            "LAST_ACK"))
-    src = loader.KernelSource(loader.Options(states=(schema.CLOSE_WAIT,), cw_map=True))
-    try:
-        opened = src.open()
-        assert src.cw_raw, (opened.hooks, opened.warnings)
-        with socket.create_server(("127.0.0.1", 0)) as lsock, socket.create_connection(
-                lsock.getsockname()) as c:
-            s, _ = lsock.accept()
-            with s:
-                port = lsock.getsockname()[1]
-                c.close()  # s enters CLOSE_WAIT: tw_top makes its `cw` entry
-                deadline, sk = time.monotonic() + 5, None
-                while sk is None and time.monotonic() < deadline:
-                    sk = next((k for k, v in src.read_cw() if port in v), None)
-                    time.sleep(0.05)
-                assert sk, "no cw entry for the server socket"
+    opts = loader.Options(states=(schema.CLOSE_WAIT,), cw_map=True)
+    with source_and_connection(opts, "cw_raw") as (src, c, _, port):
+        c.close()  # the server socket enters CLOSE_WAIT: tw_top makes its `cw` entry
+        deadline, sk = time.monotonic() + 5, None
+        while sk is None and time.monotonic() < deadline:
+            sk = next((k for k, v in src.read_cw() if port in v), None)
+            time.sleep(0.05)
+        assert sk, "no cw entry for the server socket"
 
-                def in_cw() -> bool:
-                    return any(k == sk for k, _ in src.read_cw())
+        def in_cw() -> bool:
+            return any(k == sk for k, _ in src.read_cw())
 
-                def step(old: int, new: int, age: int) -> tuple[int, int]:
-                    before = src.counters()
-                    plant_record(src, 0, sk, old, new, age)
-                    run_rescue(src, 0, sk, old, new)
-                    after = src.counters()
-                    return (after["rescued"] - before["rescued"],
-                            after["stale_ran"] - before["stale_ran"])
+        def step(old: int, new: int, age: int) -> tuple[int, int]:
+            before = src.counters()
+            plant_record(src, 0, sk, old, new, age)
+            run_rescue(src, 0, sk, old, new)
+            after = src.counters()
+            return (after["rescued"] - before["rescued"],
+                    after["stale_ran"] - before["stale_ran"])
 
-                # An exit whose record is the last push: tw_top ran; the entry stays as is.
-                assert step(cw, last_ack, 0) == (0, 0) and in_cw()
-                # 3 pushes old and the entry still there: tw_top would have deleted it, so it
-                # was skipped. Rescued: the exit is handled, the entry goes.
-                assert step(cw, last_ack, 3) == (1, 1) and not in_cw()
-                # Again, entry gone: tw_top ran. Taken.
-                assert step(cw, last_ack, 3) == (0, 0)
-                # An entry into CLOSE_WAIT 3 pushes old with no `cw` entry: skipped, rescued,
-                # the entry made. Then again with the entry there: tw_top ran.
-                assert step(est, cw, 3) == (1, 1) and in_cw()
-                assert step(est, cw, 3) == (0, 0) and in_cw()
-    finally:
-        src.close()
+        # An exit whose record is the last push: tw_top ran; the entry stays as is.
+        assert step(CW, LAST_ACK, 0) == (0, 0) and in_cw()
+        # 3 pushes old and the entry still there: tw_top would have deleted it, so it was
+        # skipped. Rescued: the exit is handled, the entry goes.
+        assert step(CW, LAST_ACK, 3) == (1, 1) and not in_cw()
+        # Again, entry gone: tw_top ran. Taken.
+        assert step(CW, LAST_ACK, 3) == (0, 0)
+        # An entry into CLOSE_WAIT 3 pushes old with no `cw` entry: skipped, rescued, the
+        # entry made. Then again with the entry there: tw_top ran.
+        assert step(EST, CW, 3) == (1, 1) and in_cw()
+        assert step(EST, CW, 3) == (0, 0) and in_cw()
