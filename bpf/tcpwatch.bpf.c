@@ -1095,7 +1095,8 @@ static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw
 		return cw_raw(ctx, cf, sk, old, new);
 	}
 	if (!cf->v[TW_CFG_RESCUE]) {
-		count(TW_CNT_UNRAN); // TCP or not: nothing here can tell without the layout
+		if (age < 0) // no record: TCP or not, nothing here can tell without the layout
+			count(TW_CNT_UNRAN);
 		return 0;
 	}
 	if (!skc_tuple(cf, sk, &h, saddr, daddr))
