@@ -224,12 +224,17 @@ static __always_inline u32 sock_netns(struct tw_cfg *cf, u64 sk)
 
 // TCP sockets point at tcp_prot or tcpv6_prot (skc_prot, checked on the calibration
 // sockets); SCTP, MPTCP... go through the same tracepoints.
+static __always_inline int tcp_prot(struct tw_cfg *cf, u64 prot)
+{
+	return prot && (prot == cf->v[TW_CFG_TCP_PROT] || prot == cf->v[TW_CFG_TCPV6_PROT]);
+}
+
 static __always_inline int is_tcp(struct tw_cfg *cf, u64 sk)
 {
 	u64 prot = 0;
 
 	bpf_probe_read_kernel(&prot, sizeof(prot), (void *)(sk + cf->v[TW_CFG_PROT_OFF]));
-	return prot && (prot == cf->v[TW_CFG_TCP_PROT] || prot == cf->v[TW_CFG_TCPV6_PROT]);
+	return tcp_prot(cf, prot);
 }
 
 #ifdef TW_HAVE_TASK_REGS
@@ -748,8 +753,7 @@ static __always_inline int skc_tuple(struct tw_cfg *cf, u64 sk, struct tw_skc_he
 	u64 mode = cf->v[TW_CFG_RESCUE];
 	struct tw_skc_wide w;
 
-	if (bpf_probe_read_kernel(&w, sizeof(w), (void *)sk) || !w.prot ||
-	    (w.prot != cf->v[TW_CFG_TCP_PROT] && w.prot != cf->v[TW_CFG_TCPV6_PROT]))
+	if (bpf_probe_read_kernel(&w, sizeof(w), (void *)sk) || !tcp_prot(cf, w.prot))
 		return 0;
 	__builtin_memcpy(h, &w.h, sizeof(*h));
 	// On the way to CLOSE, inet_put_port() zeroes skc_num of a socket bound without an
@@ -857,6 +861,15 @@ static __always_inline int exit_count(struct tw_cfg *cf, struct tw_sock *s, u8 w
 	return 1;
 }
 
+// Does tw_top keep this socket's CLOSE_WAIT entry? Tracing on, a TCP socket (its tuple read
+// into h, saddr, daddr), on a wanted port.
+static __always_inline int cw_entry_wanted(struct tw_cfg *cf, u64 sk, struct tw_skc_head *h,
+					   u8 *saddr, u8 *daddr)
+{
+	return cf->v[TW_CFG_ENABLED] && skc_tuple(cf, sk, h, saddr, daddr) &&
+	       port_wanted(cf, h->num, ntohs(h->dport));
+}
+
 static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
 {
 	struct tw_skc_head h = {};
@@ -866,11 +879,9 @@ static __always_inline int cw_raw_enter(struct tw_cfg *cf, u64 sk)
 	u16 dport;
 	u8 how = TW_F_OWNER;
 
-	if (!cf->v[TW_CFG_ENABLED] || !skc_tuple(cf, sk, &h, c.saddr, c.daddr))
+	if (!cw_entry_wanted(cf, sk, &h, c.saddr, c.daddr))
 		return 0;
 	dport = ntohs(h.dport);
-	if (!port_wanted(cf, h.num, dport))
-		return 0;
 	c.ts_ns = bpf_ktime_get_ns();
 	c.family = h.family;
 	c.sport = h.num;
@@ -1037,8 +1048,8 @@ int tw_trace(struct bpf_raw_tracepoint_args *ctx)
 
 // top: 1 if a record of tw_top's in `ran` that is not the last push is one left behind and
 // tw_top did not run for this firing, by what tw_top would have done to the `cw` map: an exit
-// deletes the socket's entry; an entry, once tracing is on, makes one for a TCP socket on a
-// wanted port (unless the map is full). 0 where that cannot tell: take the record.
+// deletes the socket's entry; an entry makes one where cw_entry_wanted() (unless the map is
+// full). 0 where that cannot tell: take the record.
 static __always_inline int top_ran_stale(struct tw_cfg *cf, u64 sk, int old, int new)
 {
 	struct tw_skc_head h = {};
@@ -1050,7 +1061,7 @@ static __always_inline int top_ran_stale(struct tw_cfg *cf, u64 sk, int old, int
 		return cw.lookup(&sk) != 0;
 	if (new != TS_CLOSE_WAIT || cw.lookup(&sk))
 		return 0;
-	return skc_tuple(cf, sk, &h, saddr, daddr) && port_wanted(cf, h.num, ntohs(h.dport));
+	return cw_entry_wanted(cf, sk, &h, saddr, daddr);
 }
 
 // The rescue program, for the classic state program, tw_top or tw_trace. Attached by the loader
@@ -1078,10 +1089,8 @@ static __always_inline int rescue(struct bpf_raw_tracepoint_args *ctx, struct tw
 	// cannot see), and the state program was skipped now. trace's socket map tells them
 	// apart below; top's `cw` map for the transitions top keeps (top_ran_stale()); the
 	// classic program with the `cw` map keeps no state to tell by, and takes the record.
-	if (age > 0 && cf->v[TW_CFG_CW_MAP] && !cf->v[TW_CFG_CW_RAW])
-		return 0;
-	if (age > 0 && cf->v[TW_CFG_CW_RAW]) {
-		if (!top_ran_stale(cf, sk, old, new))
+	if (age > 0 && cf->v[TW_CFG_CW_MAP]) { // top (tw_top comes only with the `cw` map)
+		if (!cf->v[TW_CFG_CW_RAW] || !top_ran_stale(cf, sk, old, new))
 			return 0;
 		count(TW_CNT_STALE_RAN);
 	}
