@@ -28,13 +28,14 @@ memoryview cast ('Q'/'I'), i.e. one aligned load, never byte by byte.
 from __future__ import annotations
 
 import ctypes
-import errno
 import math
 import mmap
 import os
 import platform
 import select
 from collections.abc import Callable
+
+from tcpwatch import bpfsys
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -45,7 +46,6 @@ _LEN = DISCARD_BIT - 1
 EXTRA = 4096  # bytes of the data area's second copy mapped after it: more than a record
 BPF_MAP_TYPE_RINGBUF = 27
 _BPF_OBJ_GET_INFO_BY_FD = 15
-_NR_BPF = {"x86_64": 321}
 
 
 def mmap_supported() -> bool:
@@ -165,17 +165,9 @@ class _InfoAttr(ctypes.Structure):  # union bpf_attr, BPF_OBJ_GET_INFO_BY_FD mem
 
 def map_info(map_fd: int) -> tuple[int, int]:
     """(map type, max_entries) of a BPF map, from BPF_OBJ_GET_INFO_BY_FD."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOTSUP, f"no bpf syscall number for {platform.machine()}")
     info = _MapInfo()
     attr = _InfoAttr(map_fd, ctypes.sizeof(info), ctypes.addressof(info))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    if libc.syscall(ctypes.c_long(nr), ctypes.c_long(_BPF_OBJ_GET_INFO_BY_FD),
-                    ctypes.byref(attr), ctypes.c_ulong(ctypes.sizeof(attr))) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+    bpfsys.call(_BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
     return info.type, info.max_entries
 
 

@@ -16,20 +16,20 @@ import os
 import platform
 import struct
 
+from tcpwatch import bpfsys
+
 # Per machine: where the syscall's number is in the registers a task entered the kernel with
 # (x86-64: orig_ax, the 16th of struct pt_regs' u64s, the user ABI's order), the syscalls an
-# outcome is told by, listen() for the start-up check, and bpf() itself for the probe below
-# (asm/unistd_64.h).
+# outcome is told by, and listen() for the start-up check (asm/unistd_64.h).
 NUMBERS: dict[str, dict[str, int]] = {
     "x86_64": {"regs_nr_off": 120, "close": 3, "close_range": 436, "shutdown": 48,
-               "listen": 50, "bpf": 321},
+               "listen": 50},
 }
 
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 _FUNC_GET_CURRENT_TASK_BTF = 158
 _FUNC_TASK_PT_REGS = 175
-_ATTR_SIZE = 128  # a prefix of union bpf_attr; the kernel reads the rest as zeros
 
 
 def numbers() -> dict[str, int] | None:
@@ -44,7 +44,7 @@ def _insn(code: int, dst: int = 0, src: int = 0, imm: int = 0) -> bytes:
     return struct.pack("<BBhi", code, (src << 4) | dst, 0, imm)
 
 
-def helpers_load(bpf_nr: int) -> bool:
+def helpers_load() -> bool:
     """Does the verifier accept a raw tracepoint program calling
     bpf_task_pt_regs(bpf_get_current_task_btf())? Five instructions loaded and closed: a
     probe of a millisecond, where a failed compile of the real programs would cost one."""
@@ -57,14 +57,12 @@ def helpers_load(bpf_nr: int) -> bool:
     ))
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(b"GPL")
-    attr = ctypes.create_string_buffer(struct.pack(
+    attr = bpfsys.attr_buffer(struct.pack(
         "<IIQQ", _BPF_PROG_TYPE_RAW_TRACEPOINT, len(insns) // 8,
-        ctypes.addressof(code), ctypes.addressof(lic)), _ATTR_SIZE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(ctypes.c_long(bpf_nr), ctypes.c_long(_BPF_PROG_LOAD), attr,
-                      ctypes.c_long(_ATTR_SIZE))
-    if fd < 0:
+        ctypes.addressof(code), ctypes.addressof(lic)))
+    try:
+        fd = bpfsys.call(_BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
+    except OSError:
         return False
     os.close(fd)
     return True
@@ -73,7 +71,7 @@ def helpers_load(bpf_nr: int) -> bool:
 def build_flags() -> list[str]:
     """-D flags for the kernel programs: TW_HAVE_TASK_REGS and the numbers, or none."""
     nums = numbers()
-    if not nums or not helpers_load(nums["bpf"]):
+    if not nums or not helpers_load():
         return []
     return ["-DTW_HAVE_TASK_REGS", f"-DTW_REGS_NR_OFF={nums['regs_nr_off']}",
             f"-DTW_NR_CLOSE={nums['close']}",

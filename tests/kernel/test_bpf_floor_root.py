@@ -5,10 +5,8 @@ nothing; TCPWATCH_RESCUE=0 must leave tcpwatch one program there instead of two.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import platform
 import signal
 import socket
 import struct
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch import sysnr
+from tcpwatch import bpfsys
 
 REPO = Path(__file__).resolve().parents[2]
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -42,15 +40,13 @@ def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
 
 def prog_exists(prog_id: int) -> bool:
     """BPF_PROG_GET_FD_BY_ID: does the kernel still have the program?"""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.create_string_buffer(struct.pack("<I", prog_id), 128)
-    nr = sysnr.NUMBERS[platform.machine()]["bpf"]
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(13), attr, ctypes.c_long(128))
-    if fd >= 0:
-        os.close(fd)
-        return True
-    assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())
-    return False
+    try:
+        fd = bpfsys.call(13, bpfsys.attr_buffer(struct.pack("<I", prog_id)))
+    except OSError as exc:
+        assert exc.errno == errno.ENOENT, exc
+        return False
+    os.close(fd)
+    return True
 
 
 def churn(n: int) -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import socket
 
 import pytest
 
-SYS_CLOSE_RANGE = 436  # x86-64; the test runs where sysnr.NUMBERS has the machine
+from tcpwatch import sysnr
+
+SYS_CLOSE_RANGE = sysnr.NUMBERS.get(platform.machine(), {}).get("close_range")
 ACTIONS = {  # what the holder does with its socket in CLOSE_WAIT -> the outcome tcpwatch names
     "close": "closed",
     "close_range": "closed",

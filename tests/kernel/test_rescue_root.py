@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import platform
 import socket
 import struct
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 from scenarios import PER_CONNECTION, churn_in
 
-from tcpwatch import loader, schema, sysnr
+from tcpwatch import bpfsys, loader, schema
 
 pytestmark = pytest.mark.kernel
 
@@ -173,24 +171,16 @@ RAN_SIZE = 16 * 2 * 16 + 8
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(attr, 128)
-    ret = libc.syscall(ctypes.c_long(sysnr.NUMBERS[platform.machine()]["bpf"]),
-                       ctypes.c_long(cmd), buf, ctypes.c_long(128))
-    assert ret >= 0, os.strerror(ctypes.get_errno())
-    return ret
-
-
-def _possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    return int(text.rsplit("-", 1)[-1]) + 1
+    return bpfsys.call(cmd, bpfsys.attr_buffer(attr))
 
 
 def plant_record(src, cpu: int, sk: int, old: int, new: int, age: int) -> None:
     """Put a record of (sk, old -> new) `age` pushes old into `ran` on `cpu`, as the state
     program would have left it (age 0: the last push)."""
+    from bcc.utils import get_possible_cpus
+
     fd, key = src.bpf["ran"].map_fd, ctypes.c_int(0)
-    n = _possible_cpus()
+    n = len(get_possible_cpus())  # a per-CPU value for each
     vals = ctypes.create_string_buffer(RAN_SIZE * n)
     _bpf(1, struct.pack("<IIQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(vals)))  # lookup
     raw = bytearray(vals.raw)
