@@ -40,6 +40,31 @@ KERNEL_POINTER_MIN = 0xFFFF800000000000
 # ~6 us per event with 1, ~0.6 us with 64); the rest is drained on the poll timer.
 PERF_WAKEUP_EVENTS = 64
 
+# The optional tracepoints, by the name of the -DTW_HAVE_<NAME> define that builds their
+# program: whoever touches a socket (its owner), and why a socket left CLOSE_WAIT. The
+# syscall ones are attached by _use_sysnr() only when the syscall number cannot be read.
+OWNER_TPS = {
+    "RECV_LENGTH": ("sock", "sock_recv_length"),
+    "SEND_LENGTH": ("sock", "sock_send_length"),
+}
+SYSCALL_TPS = {
+    "SYS_CLOSE": ("syscalls", "sys_enter_close"),
+    "SYS_CLOSE_RANGE": ("syscalls", "sys_enter_close_range"),
+    "SYS_SHUTDOWN": ("syscalls", "sys_enter_shutdown"),
+}
+OUTCOME_TPS = {
+    **SYSCALL_TPS,
+    "PROCESS_EXIT": ("sched", "sched_process_exit"),
+    "RECEIVE_RESET": ("tcp", "tcp_receive_reset"),
+    "ERROR_REPORT": ("sock", "inet_sk_error_report"),
+}
+OPTIONAL_TPS = {**OWNER_TPS, **OUTCOME_TPS}
+
+
+def _tp_names(tps: dict[str, tuple[str, str]]) -> list[str]:
+    """"category:event" of each, as `optional` and the hooks report name them."""
+    return [f"{cat}:{event}" for cat, event in tps.values()]
+
 
 class LoaderError(Exception):
     """A problem with the host that the user must fix; str() is the one-line advice."""
@@ -229,16 +254,6 @@ class KernelSource:
 
     def _defines(self, state_tp: int, close_hook: int, perf: bool, raw: bool = True
                  ) -> list[str]:
-        have = {
-            "RECV_LENGTH": ("sock", "sock_recv_length"),
-            "SEND_LENGTH": ("sock", "sock_send_length"),
-            "SYS_CLOSE": ("syscalls", "sys_enter_close"),
-            "SYS_CLOSE_RANGE": ("syscalls", "sys_enter_close_range"),
-            "SYS_SHUTDOWN": ("syscalls", "sys_enter_shutdown"),
-            "PROCESS_EXIT": ("sched", "sched_process_exit"),
-            "RECEIVE_RESET": ("tcp", "tcp_receive_reset"),
-            "ERROR_REPORT": ("sock", "inet_sk_error_report"),
-        }
         self.rescue_built = raw and state_tp == 1 and not perf
         flags = [
             f"-DTW_STATE_TP={state_tp}",
@@ -253,7 +268,7 @@ class KernelSource:
             f"-I{schema.bpf_dir()}",
         ]
         self.optional = {}
-        for name, (cat, event) in have.items():
+        for name, (cat, event) in OPTIONAL_TPS.items():
             ok = tracepoint_exists(cat, event)
             if ok and name == "SYS_SHUTDOWN":
                 how = tracepoint_field_offset(cat, event, "how")
@@ -331,20 +346,9 @@ class KernelSource:
         self._count_skips_from_here()
         self._set(schema.layout().consts["TW_CFG_ENABLED"], 1)
 
-        owner = [k for k in ("sock:sock_recv_length", "sock:sock_send_length") if self.optional[k]]
+        owner = [k for k in _tp_names(OWNER_TPS) if self.optional[k]]
         outcome = ["syscall number (pt_regs, checked)"] if self.sysnr_outcome else []
-        outcome += [
-            k
-            for k in (
-                "syscalls:sys_enter_close",
-                "syscalls:sys_enter_close_range",
-                "syscalls:sys_enter_shutdown",
-                "sched:sched_process_exit",
-                "tcp:tcp_receive_reset",
-                "sock:inet_sk_error_report",
-            )
-            if self.optional[k]
-        ]
+        outcome += [k for k in _tp_names(OUTCOME_TPS) if self.optional[k]]
         if not owner:
             warnings.append(
                 "no sock_recv_length/sock_send_length tracepoints (Linux < 6.5): owners of "
@@ -529,15 +533,15 @@ class KernelSource:
                 warnings.append(f"the current syscall cannot be read ({problem}): close and "
                                 "shutdown outcomes come from the syscall tracepoints")
         # From here on `optional` says what is attached, as for the other hooks.
-        for name in ("close", "close_range", "shutdown"):
-            tp = f"syscalls:sys_enter_{name}"
+        for tp in _tp_names(SYSCALL_TPS):
             if not self.optional.get(tp):
                 continue
             if self.sysnr_outcome:
                 self.optional[tp] = False
                 continue
+            fn = "tw_sys_" + tp.removeprefix("syscalls:sys_enter_")
             try:
-                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=f"tw_sys_{name}".encode())
+                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
             except Exception as exc:  # bcc raises plain Exception
                 self.optional[tp] = False
                 warnings.append(f"{tp} not attached ({exc}): its outcomes are unknown")

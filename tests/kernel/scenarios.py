@@ -437,6 +437,16 @@ def main(argv: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def match(event: str, **fields):
+    """A predicate for a tracer's wait_for() and for filtering records: an `event` record
+    with these field values."""
+    def pred(rec: dict) -> bool:
+        return rec.get("event") == event and all(rec.get(k) == v for k, v in fields.items())
+
+    pred.__name__ = f"{event}{fields}"
+    return pred
+
+
 class Scenario:
     """A running scenario process group, seen from the test."""
 

@@ -14,6 +14,7 @@ import platform
 import socket
 
 import pytest
+from scenarios import match
 
 from tcpwatch import sysnr
 
@@ -61,12 +62,6 @@ def perf_fds(pid: int) -> int:
     return n
 
 
-def record(event: str, rport: int, **fields):
-    """A predicate for tracer.wait_for(): an `event` record of the socket whose peer has rport."""
-    return lambda r: (r.get("event") == event and r.get("rport") == rport
-                      and all(r.get(k) == v for k, v in fields.items()))
-
-
 def run_actions(tracer, source: str) -> tuple[dict, int]:
     """Every action once under one tracer; returns its start record and perf event count."""
     with socket.socket() as ls:
@@ -84,10 +79,10 @@ def run_actions(tracer, source: str) -> tuple[dict, int]:
                 s.close()  # the holder's is the last reference
                 try:
                     c.shutdown(socket.SHUT_WR)  # FIN: the holder's socket goes CLOSE_WAIT
-                    tr.wait_for(record("state", rport, new="CLOSE_WAIT"), 10,
+                    tr.wait_for(match("state", rport=rport, new="CLOSE_WAIT"), 10,
                                 f"{action}: ->CLOSE_WAIT")
                     os.write(w, b"g")
-                    rec = tr.wait_for(record("close_wait", rport), 10, f"{action}: close_wait")
+                    rec = tr.wait_for(match("close_wait", rport=rport), 10, f"{action}: close_wait")
                 finally:
                     os.close(w)
                     _, status = os.waitpid(pid, 0)
@@ -128,9 +123,9 @@ def test_shutdown_for_reading_leaves_close_wait_alone(tracer, how):
             with s:
                 rport = c.getsockname()[1]
                 c.shutdown(socket.SHUT_WR)
-                tr.wait_for(record("state", rport, new="CLOSE_WAIT"), 10, "->CLOSE_WAIT")
+                tr.wait_for(match("state", rport=rport, new="CLOSE_WAIT"), 10, "->CLOSE_WAIT")
                 s.shutdown(how)
                 s.close()  # the exit that does happen: close()
-                rec = tr.wait_for(record("close_wait", rport), 10, "close_wait")
+                rec = tr.wait_for(match("close_wait", rport=rport), 10, "close_wait")
         assert rec["outcome"] == "closed" and rec["closer_pid"] == os.getpid(), rec
         tr.stop()

@@ -18,6 +18,7 @@ import subprocess
 import time
 
 import pytest
+from scenarios import match
 
 pytestmark = pytest.mark.kernel
 
@@ -53,14 +54,6 @@ def server_tuple(setup: dict) -> dict:
 def client_tuple(setup: dict) -> dict:
     a = setup["addr"]
     return {"laddr": a, "lport": setup["cport"], "raddr": a, "rport": setup["lport"]}
-
-
-def match(event: str, **fields):
-    def pred(rec: dict) -> bool:
-        return rec.get("event") == event and all(rec.get(k) == v for k, v in fields.items())
-
-    pred.__name__ = f"{event}{fields}"
-    return pred
 
 
 def states(records: list[dict], **fields) -> list[dict]:
