@@ -95,6 +95,33 @@ def test_floor_programs_run_on_every_transition(bpf_stats) -> None:
         time.sleep(0.1)
     assert not any(prog_exists(p) for p in before)
 
+def test_floor_on_the_send_recv_hooks_runs_for_every_call(bpf_stats) -> None:
+    """scripts/bench_data's floor: one empty program on each of the hooks tcpwatch has on the
+    data path, run once per send and once per recv."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
+                             "1", "--tracepoint", "sock_recv_length,sock_send_length"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready 2", proc.stderr.read()
+        before = prog_stats(proc.pid)
+        assert len(before) == 2
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            c = socket.create_connection(srv.getsockname())
+            s, _ = srv.accept()
+            with c, s:
+                for _ in range(300):
+                    c.sendall(b"x")
+                    assert s.recv(1) == b"x"
+        after = prog_stats(proc.pid)
+        for p in before:
+            runs = after[p][0] - before[p][0]
+            misses = after[p][1] - before[p][1]
+            assert runs + misses >= 300, (p, runs, misses)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+
+
 def test_floor_refuses_a_bad_count() -> None:
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
                           "0"], capture_output=True, text=True)
