@@ -283,3 +283,12 @@ def test_every_mode_has_a_command_and_floors_attach_their_count(tmp_path):
         argv, out, env = b.tracer_argv(mode, tmp_path / "out")
         assert argv[1].endswith("scripts/bpf_floor") and argv[-2:] == ["--programs", str(n)]
         assert out == tmp_path / "out" and env is None
+
+
+def test_scale_is_opt_in_and_takes_a_socket_count():
+    assert bench.parse_args([]).scale is None
+    assert bench.parse_args(["--scale"]).scale == 100_000
+    assert bench.parse_args(["--scale", "300000"]).scale == 300_000
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--scale", "0"])
+    assert exc.value.code == 2
