@@ -425,7 +425,10 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
     try:
         loop.emit([start])
         if seen is not None:  # their records, one at a time (there may be 100,000s)
-            loop.emit(agg.iter_existing(*seen, now))
+            loop.emit(agg.iter_existing(*seen, now, consume=True))
+            # Done with the snapshot: do not keep it, or the heap it grew, for the whole run.
+            seen = None
+            loader.trim_heap()
         for sink in sinks:
             sink.flush()
         loop.stopping = bool(stop_requested)

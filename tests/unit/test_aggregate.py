@@ -428,6 +428,23 @@ def test_seed_existing_record():
     assert (snap.sk, snap.since_ns, snap.preexisting) == (None, T0, True)
 
 
+def test_iter_existing_consumes_the_snapshot_only_when_asked():
+    def snapshot():
+        return ([ENTRY, ENTRY._replace(state=1, rport=1, inode=9101),
+                 ENTRY._replace(rport=2, inode=9102)],
+                {9100: [Holder(812, "server", 9)], 9102: [Holder(813, "worker", 4)],
+                 9101: [Holder(1, "init", 3)]})
+
+    entries, holders = snapshot()
+    kept = list(make().iter_existing(entries, holders, T0))
+    assert entries == snapshot()[0] and holders == snapshot()[1]
+    entries, holders = snapshot()
+    taken = list(make().iter_existing(entries, holders, T0, consume=True))
+    assert taken == kept and [r["pid"] for r in taken] == [812, 813]
+    assert entries == [None, None, None]
+    assert holders == {9101: [Holder(1, "init", 3)]}  # a socket in another state: not taken
+
+
 def test_preexisting_leaks_then_closes_with_unknown_duration():
     res = FakeResolver()
     agg = make(res)
