@@ -63,7 +63,7 @@
 
 /* Slots of the `config` array's one element (u64 v[TW_CFG_SLOTS]), written by the loader. */
 #define TW_CFG_FILTER_PID 0    /* 1: only sockets whose owner is in `pid_filter` */
-#define TW_CFG_FILTER_PORT 1   /* 1: only sockets with a local or remote port in `port_filter` */
+#define TW_CFG_FILTER_PORT 1   /* 1: only sockets with a local or remote port in `port_bits` */
 #define TW_CFG_STATE_MASK 2    /* bit n set: send transitions whose old or new state is n; 0: all */
 #define TW_CFG_NET_OFF 3       /* offset of sk->__sk_common.skc_net in struct sock, or -1 */
 #define TW_CFG_NETNS_OFF 4     /* offset of net->ns.inum in struct net, or -1 (calibrated) */

@@ -66,6 +66,19 @@ def _tp_names(tps: dict[str, tuple[str, str]]) -> list[str]:
     return [f"{cat}:{event}" for cat, event in tps.values()]
 
 
+def port_words(ports) -> dict[int, int]:
+    """The kernel's `port_bits` array for these ports: word index -> bits (port p is bit
+    p % 64 of word p // 64).
+
+    >>> port_words([80, 443, 8080, 65535])
+    {1: 65536, 6: 576460752303423488, 126: 65536, 1023: 9223372036854775808}
+    """
+    words: dict[int, int] = {}
+    for port in ports:
+        words[port >> 6] = words.get(port >> 6, 0) | 1 << (port & 63)
+    return words
+
+
 class LoaderError(Exception):
     """A problem with the host that the user must fix; str() is the one-line advice."""
 
@@ -621,9 +634,9 @@ class KernelSource:
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             self._set(c["TW_CFG_FILTER_PID"], 1)
         if self.opts.ports:
-            table = self.bpf["port_filter"]
-            for port in self.opts.ports:
-                table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+            table = self.bpf["port_bits"]
+            for word, bits in port_words(self.opts.ports).items():
+                table[ctypes.c_int(word)] = ctypes.c_uint64(bits)
             self._set(c["TW_CFG_FILTER_PORT"], 1)
         if self.opts.states:
             mask = 0

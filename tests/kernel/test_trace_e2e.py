@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -547,3 +548,31 @@ def test_forked_child_holds_the_leak(tracer, scenario):
     assert len(cw) == 1 and cw[0]["pid"] != client, f"softirq victim named as owner: {cw}"
     assert cw[0]["pid"] == parent and cw[0]["owner"] == "socket", show(cw)  # last seen: parent
     check_rx_queue(leak, 0)
+
+
+def test_port_filter_keeps_that_port_at_either_end_and_nothing_else(tracer):
+    """--port P in the kernel: both sockets of a connection to P (the server's local port, the
+    client's remote one), and none of a connection to another port made just before."""
+
+    def connection(srv: socket.socket) -> None:
+        c = socket.create_connection(srv.getsockname())
+        s, _ = srv.accept()
+        c.close()
+        assert s.recv(1) == b""  # the FIN: s is in CLOSE_WAIT
+        s.close()
+
+    with socket.create_server(("127.0.0.1", 0)) as want, \
+            socket.create_server(("127.0.0.1", 0)) as other:
+        port, other_port = want.getsockname()[1], other.getsockname()[1]
+        tr = tracer(leak_after=30, port=port)
+        connection(other)
+        connection(want)
+        tr.wait_for(match("close_wait", lport=port), 10, "server's close_wait")
+        tr.wait_for(match("state", rport=port, new="CLOSE"), 10, "client's ->CLOSE")
+        time.sleep(0.3)  # anything about the other port would have come by now
+        recs = tr.snapshot()
+    ours = [r for r in recs if r.get("event") == "state"]
+    assert {r["lport"] for r in ours if r["rport"] == port}, show(*ours)  # the client's side
+    assert {r["rport"] for r in ours if r["lport"] == port}, show(*ours)  # the server's side
+    assert all(port in (r["lport"], r["rport"]) for r in ours), show(*ours)
+    assert not [r for r in recs if other_port in (r.get("lport"), r.get("rport"))]
