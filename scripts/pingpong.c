@@ -20,7 +20,8 @@
 
 static int pairs = 2, port = 18555, bytes = 1;
 static double seconds = 5.0;
-static atomic_int go, stop;
+static atomic_int stop;
+static pthread_barrier_t start; // the pingers and main: counting starts when all are connected
 static long trips[MAX_PAIRS];
 
 static void die(const char *what)
@@ -86,8 +87,7 @@ static void *pinger(void *arg)
 
 	if (!buf)
 		die("calloc");
-	while (!atomic_load(&go))
-		;
+	pthread_barrier_wait(&start);
 	while (!atomic_load(&stop)) {
 		if (xfer(p->fd, buf, bytes, 1) || xfer(p->fd, buf, bytes, 0))
 			die("ping-pong");
@@ -135,6 +135,8 @@ int main(int argc, char **argv)
 	pthread_t pt[MAX_PAIRS], et[MAX_PAIRS];
 	struct pinger p[MAX_PAIRS];
 
+	pthread_barrier_init(&start, NULL, pairs + 1);
+
 	for (int i = 0; i < pairs; i++) {
 		p[i].fd = connected();
 		p[i].idx = i;
@@ -147,9 +149,8 @@ int main(int argc, char **argv)
 		    pthread_create(&pt[i], NULL, pinger, &p[i]))
 			die("pthread_create");
 	}
+	pthread_barrier_wait(&start);
 	double t0 = now_s();
-
-	atomic_store(&go, 1);
 	struct timespec ts = {(time_t)seconds, (long)((seconds - (time_t)seconds) * 1e9)};
 
 	nanosleep(&ts, NULL);

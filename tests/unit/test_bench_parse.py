@@ -292,3 +292,38 @@ def test_scale_is_opt_in_and_takes_a_socket_count():
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--scale", "0"])
     assert exc.value.code == 2
+
+
+def test_run_scale_reports_a_failed_scale_check_in_one_line(tmp_path, monkeypatch):
+    script = tmp_path / "scripts" / "bench_scale"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint('held 10/20 sockets')\nprint('tracer exited: boom')\n"
+                      "sys.exit(3)\n")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+
+    class Quiet:
+        tmp = tmp_path
+
+        def log(self, msg):
+            pass
+
+    with pytest.raises(RuntimeError, match=r"exited 3: tracer exited: boom$"):
+        bench.run_scale(Quiet(), 20)
+
+
+def test_run_scale_returns_the_lines_and_figures(tmp_path, monkeypatch):
+    script = tmp_path / "scripts" / "bench_scale"
+    script.parent.mkdir()
+    script.write_text("import json, sys\nprint('held 20/20 sockets')\n"
+                      "out = sys.argv[sys.argv.index('--json') + 1]\n"
+                      "open(out, 'w').write(json.dumps({'sockets': int(sys.argv[2])}))\n")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+
+    class Quiet:
+        tmp = tmp_path
+
+        def log(self, msg):
+            pass
+
+    assert bench.run_scale(Quiet(), 20) == {"lines": ["held 20/20 sockets"],
+                                            "figures": {"sockets": 20}}
