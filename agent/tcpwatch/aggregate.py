@@ -588,12 +588,17 @@ class Aggregator:
     def leak_records(self, due: list[_Tracked], found: dict, now_mono_ns: int) -> list[dict]:
         """`leak` records for sockets from take_due(), with what resolve() found for their
         keys; those that left CLOSE_WAIT meanwhile were reported already and are skipped."""
-        out = []
+        return list(self.iter_leak_records(due, found, now_mono_ns))
+
+    def iter_leak_records(self, due: list[_Tracked], found: dict, now_mono_ns: int
+                          ) -> Iterator[dict]:
+        """leak_records() one at a time, taking each socket's entry out of `found` as its
+        record is made: a batch of 100,000 is never all in memory at once, as records or as
+        what resolve() found."""
         for t in due:
             if t.resolving:
                 t.resolving = False
-                out.append(self._leak_record(t, found.get(t.key()), now_mono_ns))
-        return out
+                yield self._leak_record(t, found.pop(t.key(), None), now_mono_ns)
 
     def _leak_record(self, t: _Tracked, hit: tuple | None, now_ns: int) -> dict:
         entry, holders = hit if hit is not None else (None, [])

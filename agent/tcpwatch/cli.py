@@ -373,7 +373,7 @@ def _open_sinks(fmt: str, output: str | None, rotate_size: int | None = None,
 
 def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, states, stacks,
          stop_requested, realtime: bool = False) -> dict:
-    from tcpwatch import loader, procnet
+    from tcpwatch import heap, loader, procnet
     from tcpwatch.aggregate import Aggregator
     from tcpwatch.classify import Causes
     from tcpwatch.pipeline import TraceLoop, pid_filter
@@ -428,7 +428,7 @@ def _run(source, opened, warnings, sinks, leak_after, duration, pids, ports, sta
             loop.emit(agg.iter_existing(*seen, now, consume=True))
             # Done with the snapshot: do not keep it, or the heap it grew, for the whole run.
             seen = None
-            loader.trim_heap()
+            heap.trim()
         for sink in sinks:
             sink.flush()
         loop.stopping = bool(stop_requested)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcpwatch import ringbuf, schema, sysnr
+from tcpwatch import heap, ringbuf, schema, sysnr
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # offsetof(struct sock, __sk_common.skc_net) on 64-bit kernels since 4.x; checked at start.
@@ -998,18 +998,11 @@ def compiler_ranges(maps: str) -> list[tuple[int, int]]:
     return out
 
 
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the kernel (glibc keeps them otherwise): RSS after a
-    big, short-lived allocation goes back down."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _release_compiler_memory() -> None:
     """Give back what compiling cost: the heap LLVM used (~36 MB of RSS measured by
     scripts/bench), and the resident pages of LLVM's and clang's code (~75 MB here), which
     the agent never runs again (pages it touches would come back on their own)."""
-    trim_heap()
+    heap.trim()
     try:
         with open("/proc/self/maps") as f:
             ranges = compiler_ranges(f.read())

@@ -15,10 +15,13 @@ import time
 from collections.abc import Iterable
 from typing import Callable, Protocol
 
-from tcpwatch import schema
+from tcpwatch import heap, schema
 from tcpwatch.aggregate import Aggregator
 from tcpwatch.fastpath import FastPath
 from tcpwatch.sinks import Sink
+
+# A batch of leak lookups this big leaves tables worth handing back to the kernel.
+TRIM_AFTER = 1000
 
 
 class Source(Protocol):
@@ -191,7 +194,9 @@ class TraceLoop:
                 self.agg.requeue(due)
                 self._retry_ns = now + 1_000_000_000
             else:
-                self.emit(self.agg.leak_records(due, found, now))
+                self.emit(self.agg.iter_leak_records(due, found, now))
+                if len(due) >= TRIM_AFTER:
+                    heap.trim()  # the lookups' tables are garbage now
         if final:
             # The batch in hand, then whatever is due, before the summary.
             if self._inflight is not None and self.resolver.wait(10.0):
@@ -206,7 +211,7 @@ class TraceLoop:
                 # /proc unreadable at exit: the records name the kernel's owner instead.
                 with contextlib.suppress(OSError):
                     found = self.agg.resolve_fn(self.agg.keys(due))
-            self.emit(self.agg.leak_records(due, found, now))
+            self.emit(self.agg.iter_leak_records(due, found, now))
             return
         if self._inflight is not None or now < self._retry_ns:
             return

@@ -271,3 +271,36 @@ def test_after_loop_runs_once_before_the_last_drain():
     loop.stop()  # no loop turn: straight to the end
     loop.run(None, after_loop=lambda: order.append("after"))
     assert order == ["after", "poll"]
+
+
+def test_a_big_batch_of_lookups_is_written_one_record_at_a_time_and_the_heap_trimmed(
+        monkeypatch):
+    from tcpwatch import pipeline
+
+    trims = []
+    monkeypatch.setattr(pipeline.heap, "trim", lambda: trims.append(1))
+    monkeypatch.setattr(pipeline, "TRIM_AFTER", 2)
+    resolver = GatedResolver()
+    resolver.release.set()
+    other = life(0xD4, [step(0.1, "ESTABLISHED", "CLOSE_WAIT", owner=SERVER)], rport=51235)
+    loop, now, records = background_loop([raw(merge(leaking_server(), other))], resolver)
+    seen_found = []
+    real = loop.agg.iter_leak_records
+
+    def spy(due, found, now_ns):
+        seen_found.append(found)
+        for rec in real(due, found, now_ns):
+            # streamed: while this record is written, the next one is not made yet
+            assert len(found) == 2 - len([r for r in records() if r["event"] == "leak"]) - 1
+            yield rec
+
+    loop.agg.iter_leak_records = spy
+    loop._drain(0)
+    now[0] = at(1.5)
+    loop._leaks(now[0])
+    assert loop.resolver.wait(5)
+    assert trims == []
+    loop._leaks(now[0])
+    assert [r["rport"] for r in records() if r["event"] == "leak"] == [51234, 51235]
+    assert seen_found == [{}]  # each socket's lookup taken out as its record was made
+    assert trims == [1]  # two records: as big as TRIM_AFTER
