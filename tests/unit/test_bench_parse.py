@@ -294,36 +294,35 @@ def test_scale_is_opt_in_and_takes_a_socket_count():
     assert exc.value.code == 2
 
 
-def test_run_scale_reports_a_failed_scale_check_in_one_line(tmp_path, monkeypatch):
+class _Quiet:
+    """The part of scripts/bench's Bench that run_scale() uses."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def log(self, msg: str) -> None:
+        pass
+
+
+def _fake_scale(tmp_path: Path, monkeypatch, body: str) -> _Quiet:
+    """A stand-in scripts/bench_scale with this body, where run_scale() looks for it."""
     script = tmp_path / "scripts" / "bench_scale"
     script.parent.mkdir()
-    script.write_text("import sys\nprint('held 10/20 sockets')\nprint('tracer exited: boom')\n"
-                      "sys.exit(3)\n")
+    script.write_text(body)
     monkeypatch.setattr(bench, "REPO", tmp_path)
+    return _Quiet(tmp_path)
 
-    class Quiet:
-        tmp = tmp_path
 
-        def log(self, msg):
-            pass
-
+def test_run_scale_reports_a_failed_scale_check_in_one_line(tmp_path, monkeypatch):
+    b = _fake_scale(tmp_path, monkeypatch, "import sys\nprint('held 10/20 sockets')\n"
+                    "print('tracer exited: boom')\nsys.exit(3)\n")
     with pytest.raises(RuntimeError, match=r"exited 3: tracer exited: boom$"):
-        bench.run_scale(Quiet(), 20)
+        bench.run_scale(b, 20)
 
 
 def test_run_scale_returns_the_lines_and_figures(tmp_path, monkeypatch):
-    script = tmp_path / "scripts" / "bench_scale"
-    script.parent.mkdir()
-    script.write_text("import json, sys\nprint('held 20/20 sockets')\n"
-                      "out = sys.argv[sys.argv.index('--json') + 1]\n"
-                      "open(out, 'w').write(json.dumps({'sockets': int(sys.argv[2])}))\n")
-    monkeypatch.setattr(bench, "REPO", tmp_path)
-
-    class Quiet:
-        tmp = tmp_path
-
-        def log(self, msg):
-            pass
-
-    assert bench.run_scale(Quiet(), 20) == {"lines": ["held 20/20 sockets"],
-                                            "figures": {"sockets": 20}}
+    b = _fake_scale(tmp_path, monkeypatch, "import json, sys\nprint('held 20/20 sockets')\n"
+                    "out = sys.argv[sys.argv.index('--json') + 1]\n"
+                    "open(out, 'w').write(json.dumps({'sockets': int(sys.argv[2])}))\n")
+    assert bench.run_scale(b, 20) == {"lines": ["held 20/20 sockets"],
+                                      "figures": {"sockets": 20}}
