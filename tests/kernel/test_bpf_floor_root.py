@@ -68,16 +68,27 @@ def bpf_stats():
     STATS.write_text(old)
 
 
-def test_floor_programs_run_on_every_transition(bpf_stats) -> None:
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
-                             "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def floor(*args: str):
+    """scripts/bpf_floor with these arguments, attached (two programs in all): (its pid, the
+    programs' stats then); stopped with SIGINT after, which it must take as a clean exit."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bpf_floor"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready 2", proc.stderr.read()
         before = prog_stats(proc.pid)
         assert len(before) == 2
+        yield proc.pid, before
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+
+
+def test_floor_programs_run_on_every_transition(bpf_stats) -> None:
+    with floor("--programs", "2") as (pid, before):
         churn(20)
         time.sleep(0.3)  # the last transitions (LAST_ACK -> CLOSE) come with the final ACK
-        after = prog_stats(proc.pid)
+        after = prog_stats(pid)
         runs = {p: after[p][0] - before[p][0] for p in before}
         misses = {p: after[p][1] - before[p][1] for p in before}
         # 20 connections: 200 transitions of ours, plus the listener's and any other socket's.
@@ -86,25 +97,18 @@ def test_floor_programs_run_on_every_transition(bpf_stats) -> None:
         # Both see the same firings: the floor is two programs per transition.
         a, b = runs.values()
         assert abs(a - b) <= sum(misses.values()), (runs, misses)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
     # Detached and freed with the process (after an RCU grace period or so).
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(prog_exists(p) for p in before):
         time.sleep(0.1)
     assert not any(prog_exists(p) for p in before)
 
+
 def test_floor_on_the_send_recv_hooks_runs_for_every_call(bpf_stats) -> None:
     """scripts/bench_data's floor: one empty program on each of the hooks tcpwatch has on the
     data path, run once per send and once per recv."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bpf_floor"), "--programs",
-                             "1", "--tracepoint", "sock_recv_length,sock_send_length"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready 2", proc.stderr.read()
-        before = prog_stats(proc.pid)
-        assert len(before) == 2
+    with floor("--programs", "1", "--tracepoint", "sock_recv_length,sock_send_length") as (
+            pid, before):
         with socket.create_server(("127.0.0.1", 0)) as srv:
             c = socket.create_connection(srv.getsockname())
             s, _ = srv.accept()
@@ -112,14 +116,11 @@ def test_floor_on_the_send_recv_hooks_runs_for_every_call(bpf_stats) -> None:
                 for _ in range(300):
                     c.sendall(b"x")
                     assert s.recv(1) == b"x"
-        after = prog_stats(proc.pid)
+        after = prog_stats(pid)
         for p in before:
             runs = after[p][0] - before[p][0]
             misses = after[p][1] - before[p][1]
             assert runs + misses >= 300, (p, runs, misses)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
 
 
 def test_floor_refuses_a_bad_count() -> None:
