@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import doctest
-import importlib.machinery
-import importlib.util
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+import scriptload
+from scriptload import SCRIPTS
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load():
-    loader = importlib.machinery.SourceFileLoader("tcpwatch_bench_data",
-                                                  str(SCRIPTS / "bench_data"))
-    spec = importlib.util.spec_from_loader("tcpwatch_bench_data", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-bd = _load()
+bd = scriptload.load("bench_data")
 
 
 def test_doctests():

@@ -7,8 +7,6 @@ are checked here on hand-built input and on NDJSON written by the real sink.
 from __future__ import annotations
 
 import doctest
-import importlib.machinery
-import importlib.util
 import io
 import json
 import subprocess
@@ -16,23 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import scriptload
 
 from tcpwatch import schema
 from tcpwatch.aggregate import Aggregator
 from tcpwatch.sinks.ndjson import NdjsonSink
 
-BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
-
-
-def _load():
-    loader = importlib.machinery.SourceFileLoader("tcpwatch_bench", str(BENCH))
-    spec = importlib.util.spec_from_loader("tcpwatch_bench", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = scriptload.load("bench")
+BENCH = scriptload.SCRIPTS / "bench"
 PORT = 17999
 
 
