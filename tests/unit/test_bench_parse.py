@@ -268,6 +268,12 @@ def test_every_mode_has_a_command_and_floors_attach_their_count(tmp_path):
     for mode in bench.ALL_MODES:
         spec = b.tracer_argv(mode, tmp_path / "out")
         assert (spec is None) == (mode == "baseline"), mode
+    for mode in bench.TOP_MODES:
+        # top must still be running when the bench reads its kernel figures, after the churn
+        # and up to TAIL_LIMIT_S of waiting for its last sockets; it is stopped with SIGINT.
+        argv = b.tracer_argv(mode, tmp_path / "out")[0]
+        interval = float(argv[argv.index("--interval") + 1])
+        assert interval >= b.args.seconds + bench.TAIL_LIMIT_S + b.args.top_margin - 1, argv
     for mode, n in bench.FLOOR_MODES.items():
         argv, out, env = b.tracer_argv(mode, tmp_path / "out")
         assert argv[1].endswith("scripts/bpf_floor") and argv[-2:] == ["--programs", str(n)]
@@ -315,3 +321,22 @@ def test_run_scale_returns_the_lines_and_figures(tmp_path, monkeypatch):
                     "open(out, 'w').write(json.dumps({'sockets': int(sys.argv[2])}))\n")
     assert bench.run_scale(b, 20) == {"lines": ["held 20/20 sockets"],
                                       "figures": {"sockets": 20}}
+
+
+@pytest.mark.skipif(bench.shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_port_socket_states_names_what_is_still_open():
+    import socket
+
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        port = lst.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            s, _ = lst.accept()
+            c.shutdown(socket.SHUT_WR)  # the server side passes to CLOSE_WAIT
+            s.recv(1)
+            assert bench.port_socket_states(port) == {"LISTEN": 1, "CLOSE-WAIT": 1,
+                                                      "FIN-WAIT-2": 1}
+            assert bench.port_sockets(port) == 3
+            s.close()
+    assert bench.port_sockets(port) == 0  # the client's side is in TIME_WAIT, left out
